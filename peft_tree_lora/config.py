@@ -1,0 +1,156 @@
+"""`TreeLoraConfig`: the validated settings of one TreeLoRA adapter."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+# 2**10 = 1024 leaves per target module. Past that the adapter outgrows any base model it is attached to
+# (SmolLM2-135M with all-linear r=8 would carry ~5 G adapter parameters at depth 10) and a training batch cannot
+# send enough tokens to each leaf to train it.
+MAX_DEPTH = 10
+
+ROUTING_MODES = ("token", "sequence")
+INFERENCE_ROUTING_MODES = ("hard", "soft")
+ROUTER_INITS = ("random", "zeros")
+
+
+@dataclass
+class TreeLoraConfig(PeftConfig):
+    """Configuration of a TreeLoRA adapter: a binary tree of LoRA leaves with a sigmoid router at each inner node.
+
+    Each target module gets `2**depth` LoRA leaves of rank `r` and `2**depth - 1` routers in heap order (the
+    children of node `n` are `2n+1` on the left, taken when `p < 0.5`, and `2n+2` on the right). Training mixes the
+    leaves by their path probabilities; evaluation descends the tree and applies a single leaf.
+
+    Args:
+        depth: Depth of the tree. `0` is exactly one LoRA; `d` gives `2**d` leaves. At most `MAX_DEPTH` (10).
+        r: Rank of every leaf.
+        lora_alpha: Leaves are scaled by `lora_alpha / r`, as in LoRA.
+        lora_dropout: Dropout on the leaves' input during training.
+        target_modules: Modules to adapt: a list of names (exact or suffix match), a regex, or `"all-linear"`.
+            Defaults to LoRA's per-architecture defaults.
+        exclude_modules: Modules never to adapt (list or regex).
+        layers_to_transform / layers_pattern: Restrict the adapter to some layer indices, as in LoRA.
+        modules_to_save: Extra modules trained and saved in full (e.g. a classification head).
+        bias: Only `"none"` is supported: TreeLoRA never trains biases.
+        routing: `"token"`: every target module routes each token by its own input. `"sequence"`: one leaf per
+            sequence, chosen once from the mean of its input token embeddings and shared by every target module;
+            in `generate()` the leaf chosen from the prompt holds for every new token.
+        inference_routing: `"hard"` (default) applies one leaf at evaluation; `"soft"` mixes all leaves as in
+            training (slower; useful to measure the gap between the two).
+        router_init: `"random"` draws router weights from N(0, (router_init_scale / sqrt(in_features))**2) so that
+            tokens spread over the leaves from the start; `"zeros"` starts every router at p = 0.5.
+        router_init_scale: Scale of the random router initialisation.
+        hardening_loss_weight: Weight of the mean Bernoulli entropy of the router decisions (in bits), which
+            pushes every `p` towards 0 or 1 so that hard inference matches soft training.
+        load_balance_loss_weight: Weight of KL(mean leaf usage || uniform), smallest when leaves are used evenly.
+        init_lora_weights: `True` starts each leaf's B at zero, so a fresh adapter leaves the model unchanged.
+            `False` draws B at random too (for tests).
+    """
+
+    depth: int = field(default=3, metadata={"help": f"Tree depth, 0..{MAX_DEPTH}; 2**depth leaves."})
+    r: int = field(default=8, metadata={"help": "Rank of every leaf."})
+    lora_alpha: float = field(default=16, metadata={"help": "Leaf scaling is lora_alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the leaves' input, in [0, 1)."})
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Module names, a regex, or 'all-linear'. Defaults to LoRA's per-model defaults."},
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Module names or a regex to leave alone."}
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "Adapt only these layer indices."}
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None, metadata={"help": "Name of the layer list (e.g. 'layers', 'h'), with layers_to_transform."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained and saved in full besides the tree."}
+    )
+    bias: Literal["none"] = field(default="none", metadata={"help": "Only 'none' is supported."})
+    routing: Literal["token", "sequence"] = field(
+        default="token", metadata={"help": "'token': per token and module; 'sequence': one leaf per sequence."}
+    )
+    inference_routing: Literal["hard", "soft"] = field(
+        default="hard", metadata={"help": "'hard': one leaf at evaluation; 'soft': mix all leaves."}
+    )
+    router_init: Literal["random", "zeros"] = field(
+        default="random", metadata={"help": "'random' (spread tokens from the start) or 'zeros' (p = 0.5)."}
+    )
+    router_init_scale: float = field(default=1.0, metadata={"help": "Scale of the random router init, > 0."})
+    hardening_loss_weight: float = field(
+        default=0.05, metadata={"help": "Weight of the router-entropy (hardening) loss, >= 0."}
+    )
+    load_balance_loss_weight: float = field(
+        default=0.01, metadata={"help": "Weight of the leaf load-balance loss, >= 0."}
+    )
+    init_lora_weights: bool = field(
+        default=True, metadata={"help": "True: B starts at zero (no change to the model). False: random B."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.TREELORA
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        self._validate()
+
+    @property
+    def num_leaves(self) -> int:
+        return 2**self.depth
+
+    def _validate(self) -> None:
+        _require_int("depth", self.depth, low=0, high=MAX_DEPTH)
+        _require_int("r", self.r, low=1)
+        _require_number("lora_alpha", self.lora_alpha, positive=True)
+        _require_number("lora_dropout", self.lora_dropout)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"TreeLoraConfig.lora_dropout must be in [0, 1); got {self.lora_dropout!r}.")
+        _require_choice("routing", self.routing, ROUTING_MODES)
+        _require_choice("inference_routing", self.inference_routing, INFERENCE_ROUTING_MODES)
+        _require_choice("router_init", self.router_init, ROUTER_INITS)
+        _require_choice("bias", self.bias, ("none",))
+        _require_number("router_init_scale", self.router_init_scale, positive=True)
+        _require_number("hardening_loss_weight", self.hardening_loss_weight, non_negative=True)
+        _require_number("load_balance_loss_weight", self.load_balance_loss_weight, non_negative=True)
+        if not isinstance(self.init_lora_weights, bool):
+            raise ValueError(
+                f"TreeLoraConfig.init_lora_weights must be True or False; got {self.init_lora_weights!r}."
+            )
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError(
+                "TreeLoraConfig.layers_to_transform cannot be used when target_modules is a regex string; "
+                "give target_modules as a list of names instead."
+            )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("TreeLoraConfig.layers_pattern needs layers_to_transform to be set as well.")
+
+
+def _require_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    allowed = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"TreeLoraConfig.{name} must be {allowed}; got {value!r}.")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"TreeLoraConfig.{name} must be {allowed}; got {value}.")
+
+
+def _require_number(name: str, value: object, positive: bool = False, non_negative: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"TreeLoraConfig.{name} must be a finite number; got {value!r}.")
+    if positive and value <= 0:
+        raise ValueError(f"TreeLoraConfig.{name} must be > 0; got {value}.")
+    if non_negative and value < 0:
+        raise ValueError(f"TreeLoraConfig.{name} must be >= 0; got {value}.")
+
+
+def _require_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"TreeLoraConfig.{name} must be one of {list(allowed)}; got {value!r}.")
