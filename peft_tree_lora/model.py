@@ -164,6 +164,31 @@ class TreeLoraModel(BaseTuner):
         and the weighted `total` that was added to the loss. Empty before any training forward pass."""
         return {name: float(value) for name, value in self.routing_context.auxiliary_losses().items()}
 
+    def parameter_counts(self, adapter_name: str | None = None) -> dict[str, int]:
+        """Adapter size of one adapter: `total` (every leaf and router) and `active_per_token` (what one token
+        touches under hard routing: one leaf per module, plus the `depth` routers on its path for token routing;
+        a sequence router runs once per sequence and is not counted per token)."""
+        adapter = adapter_name or self.active_adapters[0]
+        self._check_adapter(adapter)
+        total = active = 0
+        for module in self.model.modules():
+            if not isinstance(module, TreeLoraLayer) or adapter not in module.depth:
+                continue
+            depth = module.depth[adapter]
+            router_params = (
+                sum(p.numel() for p in module.treelora_router[adapter].parameters())
+                if (adapter in module.treelora_router)
+                else 0
+            )
+            total += router_params
+            if isinstance(module, TreeLoraLinear):
+                leaf_params = module.r[adapter] * (module.in_features + module.out_features)
+                total += leaf_params * 2**depth
+                active += leaf_params
+                if router_params:
+                    active += depth * (module.in_features + 1)
+        return {"total": total, "active_per_token": active}
+
     # --- routing controls -------------------------------------------------------------------------------------
 
     @torch.no_grad()
