@@ -1,0 +1,242 @@
+"""TreeLoRA layers and their behaviour inside a PEFT model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_gpt2, make_tiny_llama
+from helpers import logits, trained_looking, tree_model
+from peft import LoraConfig, get_peft_model
+
+from peft_tree_lora import TreeLoraLinear, TreeLoraSequenceRouter
+
+ROUTINGS = ["token", "sequence"]
+DEPTHS = [0, 1, 4]
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_fresh_adapter_leaves_the_outputs_unchanged(depth, routing, input_ids):
+    base = make_tiny_llama()
+    expected = logits(base, input_ids)
+    model = tree_model(base, depth=depth, routing=routing)
+    torch.testing.assert_close(logits(model.eval(), input_ids), expected)
+    torch.testing.assert_close(logits(model.train(), input_ids), expected)
+
+
+@pytest.mark.parametrize("make_base", [make_tiny_llama, make_tiny_gpt2], ids=["llama-linear", "gpt2-conv1d"])
+def test_depth_zero_equals_peft_lora_with_the_same_weights(make_base, input_ids):
+    is_gpt2 = make_base is make_tiny_gpt2
+    lora = get_peft_model(
+        make_base(),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, fan_in_fan_out=is_gpt2),
+    )
+    tree = tree_model(make_base(), depth=0)
+    tree_layers = {n: m for n, m in tree.named_modules() if isinstance(m, TreeLoraLinear)}
+    assert tree_layers, "no layer was adapted"
+    with torch.no_grad():
+        for name, layer in tree_layers.items():
+            lora_layer = lora.get_submodule(name)
+            layer.treelora_A["default"][0].copy_(lora_layer.lora_A["default"].weight)
+            layer.treelora_B["default"][0].copy_(lora_layer.lora_B["default"].weight)
+    assert not torch.allclose(logits(tree, input_ids), logits(make_base(), input_ids))
+    torch.testing.assert_close(logits(tree.eval(), input_ids), logits(lora.eval(), input_ids))
+    torch.manual_seed(7)  # GPT-2 has dropout: same masks for both runs
+    tree_train = logits(tree.train(), input_ids)
+    torch.manual_seed(7)
+    torch.testing.assert_close(tree_train, logits(lora.train(), input_ids))
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize("depth", [1, 4])
+def test_hard_evaluation_equals_soft_evaluation_once_routers_saturate(depth, routing, input_ids):
+    model = trained_looking(tree_model(make_tiny_llama(), depth=depth, routing=routing), router_scale=1e4).eval()
+    hard = logits(model, input_ids)
+    model.base_model.set_inference_routing("soft")
+    torch.testing.assert_close(logits(model, input_ids), hard, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_soft_evaluation_mixes_leaves_and_differs_from_hard_before_saturation(routing, input_ids):
+    model = trained_looking(tree_model(make_tiny_llama(), depth=2, routing=routing, router_init_scale=0.1)).eval()
+    hard = logits(model, input_ids)
+    model.base_model.set_inference_routing("soft")
+    assert not torch.allclose(logits(model, input_ids), hard, atol=1e-3)
+
+
+def test_training_mode_mixes_every_leaf_by_its_path_probability(input_ids):
+    model = trained_looking(tree_model(make_tiny_llama(), depth=2, target_modules=["q_proj"]))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(5, layer.in_features)
+    lora_A, lora_B = layer.treelora_A["default"], layer.treelora_B["default"]
+    router = layer.treelora_router["default"]
+    p = torch.sigmoid(router(x))
+    weights = torch.stack(
+        [(1 - p[:, 0]) * (1 - p[:, 1]), (1 - p[:, 0]) * p[:, 1], p[:, 0] * (1 - p[:, 2]), p[:, 0] * p[:, 2]], -1
+    )
+    expected = layer.base_layer(x) + 2.0 * sum(
+        weights[:, k : k + 1] * (x @ lora_A[k].T @ lora_B[k].T) for k in range(4)
+    )
+    layer.train()
+    torch.testing.assert_close(layer(x), expected)
+    layer.eval()
+    first = (p[:, 0] >= 0.5).long()  # descend: right where p >= 0.5, children of node n at 2n+1 and 2n+2
+    second = (p.gather(1, (1 + first).unsqueeze(1)).squeeze(1) >= 0.5).long()
+    leaf = 2 * first + second
+    chosen = torch.stack([x[i] @ lora_A[leaf[i]].T @ lora_B[leaf[i]].T for i in range(5)])
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + 2.0 * chosen)
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_only_adapter_parameters_receive_gradients(routing, input_ids):
+    model = trained_looking(tree_model(make_tiny_llama(), depth=2, routing=routing)).train()
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert with_grad == trainable
+    assert all(".treelora_" in n for n in trainable)
+    routers = [p for n, p in model.named_parameters() if ".treelora_router." in n]
+    assert routers and all(p.grad.abs().sum() > 0 for p in routers)
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_training_loss_includes_the_weighted_auxiliary_losses(routing, input_ids):
+    model = trained_looking(tree_model(make_tiny_llama(), depth=2, routing=routing)).train()
+    with_aux = model(input_ids=input_ids, labels=input_ids).loss
+    aux = model.base_model.auxiliary_losses()
+    with model.disable_adapter():
+        pass
+    plain = tree_model(make_tiny_llama(), depth=2, routing=routing, hardening_loss_weight=0.0)
+    plain.load_state_dict(model.state_dict())
+    plain.base_model.routing_context.aux_weights["default"] = (0.0, 0.0)
+    task = plain.train()(input_ids=input_ids, labels=input_ids).loss
+    assert 0 < aux["hardening"] <= 1 and aux["load_balance"] >= 0
+    torch.testing.assert_close(with_aux, task + aux["total"], rtol=1e-5, atol=1e-6)
+
+
+def test_auxiliary_loss_gradient_reaches_the_routers_without_labels():
+    model = tree_model(make_tiny_llama(), depth=2, target_modules=["q_proj"], load_balance_loss_weight=0.0).train()
+    out = model(input_ids=torch.randint(3, 90, (2, 6))).logits
+    (out.sum() * 0).backward()  # the task contributes nothing: any router gradient comes from the hardening loss
+    grads = [p.grad for n, p in model.named_parameters() if ".treelora_router." in n]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_two_sequences_of_one_batch_can_take_different_leaves():
+    model = trained_looking(tree_model(make_tiny_llama(), depth=1, routing="sequence")).eval()
+    router_layer = model.base_model.model.model.embed_tokens
+    assert isinstance(router_layer, TreeLoraSequenceRouter)
+    embed = router_layer.base_layer.weight
+    a, b = 10, 20
+    with torch.no_grad():
+        direction = embed[a] - embed[b]
+        router = router_layer.treelora_router["default"]
+        router.weight.copy_(direction.unsqueeze(0))
+        router.bias.fill_(-(direction @ (embed[a] + embed[b]) / 2))
+    batch = torch.tensor([[a] * 6, [b] * 6])
+    assert model.base_model.leaf_routes(batch)["sequence"].tolist() == [1, 0]
+    together = logits(model, batch)
+    torch.testing.assert_close(together[0], logits(model, batch[:1])[0])
+    torch.testing.assert_close(together[1], logits(model, batch[1:])[0])
+    with model.base_model.pinned_leaf(0):
+        assert not torch.allclose(logits(model, batch[:1])[0], together[0])
+
+
+def test_sequence_route_pools_only_non_padding_positions():
+    model = trained_looking(tree_model(make_tiny_llama(), depth=4, routing="sequence")).eval()
+    prompt = torch.randint(3, 90, (1, 7))
+    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), prompt], dim=1)
+    mask = torch.cat([torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 7, dtype=torch.long)], dim=1)
+    model.base_model.leaf_routes(prompt)
+    pooled_alone = model.base_model.routing_context.pooled["default"].clone()
+    model.base_model.leaf_routes(padded, attention_mask=mask)
+    torch.testing.assert_close(model.base_model.routing_context.pooled["default"], pooled_alone)
+
+
+def test_leaf_routes_reports_each_module_for_token_routing(input_ids):
+    model = tree_model(make_tiny_llama(), depth=3)
+    routes = model.base_model.leaf_routes(input_ids)
+    adapted = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, TreeLoraLinear)}
+    assert set(routes) == adapted
+    for leaf in routes.values():
+        assert leaf.shape == input_ids.shape and 0 <= leaf.min() and leaf.max() < 8
+
+
+def test_disable_adapter_gives_the_base_model_outputs(input_ids):
+    base_logits = logits(make_tiny_llama(), input_ids)
+    model = trained_looking(tree_model(make_tiny_llama(), depth=2, routing="sequence")).eval()
+    assert not torch.allclose(logits(model, input_ids), base_logits)
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model, input_ids), base_logits)
+    assert not torch.allclose(logits(model, input_ids), base_logits)
+
+
+def test_several_adapters_can_be_added_switched_and_deleted(input_ids):
+    model = trained_looking(tree_model(make_tiny_llama(), depth=2, routing="sequence")).eval()
+    first = logits(model, input_ids)
+    from peft_tree_lora import TreeLoraConfig
+
+    model.add_adapter("other", TreeLoraConfig(depth=1, r=4, target_modules=["q_proj", "v_proj"]))
+    trained_looking(model, seed=3)
+    model.set_adapter("other")
+    other = logits(model, input_ids)
+    assert not torch.allclose(other, first)
+    assert model.base_model.routing_context.hook_handle is not None
+    model.delete_adapter("default")
+    assert model.base_model.routing_context.hook_handle is None, "no sequence-routed adapter is left"
+    torch.testing.assert_close(logits(model, input_ids), other)
+    assert not any(".default" in n for n, _ in model.named_parameters())
+
+
+def test_adding_an_adapter_with_an_existing_name_is_refused():
+    model = tree_model(make_tiny_llama(), depth=1)
+    from peft_tree_lora import TreeLoraConfig
+
+    with pytest.raises(ValueError, match="already exists"):
+        model.add_adapter("default", TreeLoraConfig(depth=2, target_modules=["q_proj"]))
+
+
+@pytest.mark.parametrize("name", ["with.dot", "", "3d"])
+def test_adapter_names_that_would_break_state_dict_keys_are_refused(name):
+    from peft_tree_lora import TreeLoraConfig
+
+    model = tree_model(make_tiny_llama(), depth=1)
+    with pytest.raises(ValueError, match="adapter names"):
+        model.add_adapter(name, TreeLoraConfig(depth=1, target_modules=["q_proj"]))
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_unload_gives_back_the_plain_base_model(routing, input_ids):
+    base_logits = logits(make_tiny_llama(), input_ids)
+    model = trained_looking(tree_model(make_tiny_llama(), depth=2, routing=routing))
+    base = model.unload()
+    assert not any(isinstance(m, (TreeLoraLinear, TreeLoraSequenceRouter)) for m in base.modules())
+    assert not base._forward_pre_hooks
+    torch.testing.assert_close(logits(base, input_ids), base_logits)
+
+
+@pytest.mark.parametrize("make_base", [make_tiny_llama, make_tiny_gpt2], ids=["llama", "gpt2"])
+def test_merge_and_unload_of_depth_zero_keeps_the_outputs(make_base, input_ids):
+    model = trained_looking(tree_model(make_base(), depth=0)).eval()
+    expected = logits(model, input_ids)
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, TreeLoraLinear) for m in merged.modules())
+    torch.testing.assert_close(logits(merged, input_ids), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_merging_an_unpinned_tree_is_refused_and_changes_nothing(input_ids):
+    model = trained_looking(tree_model(make_tiny_llama(), depth=2)).eval()
+    expected = logits(model, input_ids)
+    with pytest.raises(ValueError, match="chosen per input"):
+        model.merge_and_unload()
+    assert any(isinstance(m, TreeLoraLinear) for m in model.modules())
+    torch.testing.assert_close(logits(model, input_ids), expected)
+
+
+def test_trainable_parameter_count_is_every_leaf_and_router():
+    model = tree_model(make_tiny_llama(), depth=3, target_modules=["q_proj"])
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    counts = model.base_model.parameter_counts()
+    # q_proj is 32 -> 32 in 2 layers: 8 leaves of rank 4 and 7 routers of 32 weights + bias
+    assert trainable == counts["total"] == 2 * (8 * 4 * (32 + 32) + 7 * 33)
+    assert counts["active_per_token"] == 2 * (4 * (32 + 32) + 3 * 33)
