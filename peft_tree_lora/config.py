@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
+
+from .checkpoint import WeightsSource
 
 # 2**10 = 1024 leaves per target module. Past that the adapter outgrows any base model it is attached to
 # (SmolLM2-135M with all-linear r=8 would carry ~5 G adapter parameters at depth 10) and a training batch cannot
@@ -103,9 +106,32 @@ class TreeLoraConfig(PeftConfig):
             self.exclude_modules = set(self.exclude_modules)
         self._validate()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """Load as PEFT does, and remember where from, so that the weights can be checked before injection."""
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"adapter_config.json in {pretrained_model_name_or_path} is not valid JSON: {error}"
+            ) from None
+        if isinstance(config, TreeLoraConfig):
+            download_kwargs, _, _ = cls._split_kwargs(kwargs)
+            download_kwargs.pop("subfolder", None)
+            config._weights_source = WeightsSource(str(pretrained_model_name_or_path), subfolder, download_kwargs)
+        return config
+
     @property
     def num_leaves(self) -> int:
         return 2**self.depth
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Save `adapter_config.json`; when PEFT saves a whole adapter (weights written just before this call, card
+        written by PEFT), also add the tree's shape and sizes to the model card (see `hub.update_saved_card`)."""
+        super().save_pretrained(save_directory, **kwargs)
+        from .hub import update_saved_card
+
+        update_saved_card(save_directory)
 
     def _validate(self) -> None:
         _require_int("depth", self.depth, low=0, high=MAX_DEPTH)

@@ -18,6 +18,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.other import _get_submodules
 from torch import nn
 
+from .checkpoint import verify_adapter_weights
 from .config import TreeLoraConfig
 from .context import RoutingContext
 from .layer import TreeLoraLayer, TreeLoraLinear, TreeLoraSequenceRouter
@@ -60,6 +61,10 @@ class TreeLoraModel(BaseTuner):
         if not hasattr(self, "routing_context"):
             self.routing_context = _find_routing_context(model) or RoutingContext()
         config = self.peft_config[adapter_name]
+        source = getattr(config, "_weights_source", None)
+        if source is not None:  # loading a saved adapter: fail now if its weights are unreadable, before injecting
+            verify_adapter_weights(source)
+            config._weights_source = None
         if config.routing == "sequence" and config.depth > 0 and not hasattr(model, "get_input_embeddings"):
             raise ValueError("TreeLoraConfig.routing='sequence' needs a model with get_input_embeddings().")
         super().inject_adapter(
