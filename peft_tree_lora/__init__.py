@@ -11,11 +11,13 @@ register()
 from .config import MAX_DEPTH, TreeLoraConfig  # noqa: E402
 from .layer import TreeLoraLayer, TreeLoraLinear, TreeLoraSequenceRouter  # noqa: E402
 from .model import TreeLoraModel  # noqa: E402
+from .trainer import RoutingTelemetryCallback, routing_telemetry  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MAX_DEPTH",
+    "RoutingTelemetryCallback",
     "TreeLoraConfig",
     "TreeLoraLayer",
     "TreeLoraLinear",
@@ -23,4 +25,5 @@ __all__ = [
     "TreeLoraSequenceRouter",
     "__version__",
     "register",
+    "routing_telemetry",
 ]
