@@ -92,9 +92,8 @@ class RoutingContext:
         rows = input_ids if input_ids is not None else inputs_embeds
         if rows is None:
             return None
-        continuing = _cache_length(kwargs.get("past_key_values")) > 0 or (
-            not module.training and self._extends_routed(input_ids)
-        )
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5 calls it `cache`
+        continuing = _cache_length(cache) > 0 or (not module.training and self._extends_routed(input_ids))
         self.primed = True
         if continuing and self._routed_batch == rows.shape[0]:
             self.route_due = False

@@ -1,0 +1,78 @@
+"""Generation: hard routing with and without KV cache, and sequence routes that hold for a whole generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from helpers import trained_looking, tree_model
+
+ROUTINGS = ["token", "sequence"]
+
+
+def left_padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(11)
+    ids = torch.randint(3, 90, (3, 8), generator=generator)
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0  # the first prompt is shorter
+    return ids, mask
+
+
+def greedy(model, ids, mask, **kwargs) -> torch.Tensor:
+    return model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0, **kwargs
+    )
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize("depth", [1, 4])
+def test_greedy_generation_is_the_same_with_and_without_kv_cache(depth, routing):
+    model = trained_looking(
+        tree_model(make_tiny_llama(), depth=depth, routing=routing, router_init_scale=100.0)
+    ).eval()
+    ids, mask = left_padded_prompts()
+    with_cache = greedy(model, ids, mask, use_cache=True)
+    without_cache = greedy(model, ids, mask, use_cache=False)
+    assert torch.equal(with_cache, without_cache)
+    with model.disable_adapter():
+        assert not torch.equal(greedy(model, ids, mask), with_cache), "the adapter should change the generation"
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_sequence_route_chosen_from_the_prompt_holds_for_every_new_token(use_cache):
+    model = trained_looking(tree_model(make_tiny_llama(), depth=4, routing="sequence", router_init_scale=100.0)).eval()
+    ids, mask = left_padded_prompts()
+    prompt_route = model.base_model.leaf_routes(ids, attention_mask=mask)["sequence"]
+    context = model.base_model.routing_context
+    routes_seen = []
+    hook = model.base_model.model.register_forward_hook(
+        lambda *_: routes_seen.append(context.sequence_leaf["default"].clone())
+    )
+    try:
+        out = greedy(model, ids, mask, use_cache=use_cache)
+    finally:
+        hook.remove()
+    assert len(routes_seen) == 8
+    assert all(torch.equal(route, prompt_route) for route in routes_seen)
+    # routing the prompt together with its continuation would (for this model) choose other leaves
+    assert not torch.equal(model.base_model.leaf_routes(out)["sequence"], prompt_route)
+
+
+def test_beams_follow_the_route_of_their_row():
+    model = trained_looking(tree_model(make_tiny_llama(), depth=3, routing="sequence", router_init_scale=100.0)).eval()
+    ids, mask = left_padded_prompts()
+    prompt_route = model.base_model.leaf_routes(ids, attention_mask=mask)["sequence"]
+    greedy(model, ids, mask, num_beams=2)
+    held = model.base_model.routing_context.sequence_leaf["default"]
+    assert torch.equal(held, prompt_route.repeat_interleave(2))
+
+
+def test_a_new_batch_after_generation_is_routed_anew():
+    model = trained_looking(tree_model(make_tiny_llama(), depth=4, routing="sequence", router_init_scale=100.0)).eval()
+    ids, mask = left_padded_prompts()
+    greedy(model, ids, mask)
+    other = torch.flip(ids, dims=[0])
+    with torch.no_grad():
+        model(input_ids=other, attention_mask=torch.flip(mask, dims=[0]))
+    expected = model.base_model.leaf_routes(other, attention_mask=torch.flip(mask, dims=[0]))["sequence"]
+    assert torch.equal(model.base_model.routing_context.sequence_leaf["default"], expected)
