@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -67,15 +68,19 @@ class TreeLoraModel(BaseTuner):
             config._weights_source = None
         if config.routing == "sequence" and config.depth > 0 and not hasattr(model, "get_input_embeddings"):
             raise ValueError("TreeLoraConfig.routing='sequence' needs a model with get_input_embeddings().")
-        super().inject_adapter(
-            model,
-            adapter_name,
-            autocast_adapter_dtype=autocast_adapter_dtype,
-            low_cpu_mem_usage=low_cpu_mem_usage,
-            state_dict=state_dict,
-        )
-        if config.routing == "sequence" and config.depth > 0:
-            self._attach_sequence_router(model, adapter_name, config)
+        try:
+            super().inject_adapter(
+                model,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                state_dict=state_dict,
+            )
+            if config.routing == "sequence" and config.depth > 0:
+                self._attach_sequence_router(model, adapter_name, config)
+        except Exception:
+            _take_out(model, adapter_name)  # PEFT replaces modules one by one: undo the ones already replaced
+            raise
         self._refresh_context()
 
     def _create_and_replace(
@@ -88,7 +93,10 @@ class TreeLoraModel(BaseTuner):
         current_key: str,
         parameter_name: str | None = None,
     ) -> None:
-        if isinstance(target, TreeLoraSequenceRouter) or isinstance(target, nn.Embedding):
+        is_input_embedding = (
+            target is self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else False
+        )
+        if is_input_embedding and peft_config.routing == "sequence" and peft_config.depth > 0:
             # only reached when injecting from a state dict, which names the router's embedding module
             self._attach_sequence_router(self.model, adapter_name, peft_config)
             return
@@ -99,7 +107,7 @@ class TreeLoraModel(BaseTuner):
         try:
             new_module = TreeLoraLinear(target, adapter_name, peft_config, self.routing_context, current_key)
         except TypeError:
-            raise TypeError(
+            raise ValueError(
                 f"TreeLoRA adapts torch.nn.Linear and transformers Conv1D layers; target module '{current_key}' is a "
                 f"{type(base).__name__}. Adjust target_modules / exclude_modules."
             ) from None
@@ -363,6 +371,23 @@ def _fit_problems(
     for key in sorted(set(checkpoint) - seen):
         problems.append(f"unexpected tensor {key.replace(f'.{adapter_name}', '')}: no such module in this model")
     return problems
+
+
+def _take_out(model: nn.Module, adapter_name: str) -> None:
+    """Remove one adapter from every TreeLoRA layer of `model`; layers left without adapters give way to their
+    base layer again."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, TreeLoraLayer) or adapter_name not in module.depth:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module.delete_adapter(adapter_name)
+        if not module.depth:
+            parent, _, child_name = _get_submodules(model, name)
+            setattr(parent, child_name, module.get_base_layer())
+            if isinstance(module, TreeLoraSequenceRouter) and module.routing_context.hook_handle is not None:
+                module.routing_context.hook_handle.remove()
+                module.routing_context.hook_handle = None
 
 
 def _roll_back(model: nn.Module, adapter_name: str) -> None:

@@ -240,3 +240,20 @@ def test_trainable_parameter_count_is_every_leaf_and_router():
     # q_proj is 32 -> 32 in 2 layers: 8 leaves of rank 4 and 7 routers of 32 weights + bias
     assert trainable == counts["total"] == 2 * (8 * 4 * (32 + 32) + 7 * 33)
     assert counts["active_per_token"] == 2 * (4 * (32 + 32) + 3 * 33)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "rotary_emb"], ["embed_tokens"]])
+def test_target_that_is_not_linear_is_refused_and_the_model_left_as_it_was(targets, input_ids):
+    base = make_tiny_llama()
+    expected = logits(base, input_ids)
+    with pytest.raises(ValueError, match=r"TreeLoRA adapts torch.nn.Linear and transformers Conv1D layers"):
+        tree_model(base, depth=1, target_modules=targets)
+    assert not any(isinstance(m, (TreeLoraLinear, TreeLoraSequenceRouter)) for m in base.modules())
+    torch.testing.assert_close(logits(base, input_ids), expected)
+
+
+def test_default_target_modules_are_loras_and_layers_can_be_restricted():
+    model = tree_model(make_tiny_llama(), depth=1, target_modules=None)
+    assert {n.rsplit(".", 1)[-1] for n in model.base_model.targeted_module_names} == {"q_proj", "v_proj"}
+    model = tree_model(make_tiny_llama(), depth=1, target_modules=["q_proj"], layers_to_transform=[1])
+    assert model.base_model.targeted_module_names == ["model.layers.1.self_attn.q_proj"]
