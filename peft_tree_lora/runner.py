@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import PreTrainedModel, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from .data import BlockDataset
 from .errors import TreeLoraUsageError
@@ -147,6 +147,8 @@ def run_training(
             eval_dataset=BlockDataset(eval_blocks),
             callbacks=all_callbacks,
         )
+        if not settings.show_progress:
+            trainer.remove_callback(PrinterCallback)  # quiet means quiet: no per-log dictionaries either
         recorder.world_size = trainer.args.world_size
         with stopper.catching_interrupts():
             started = time.perf_counter()
