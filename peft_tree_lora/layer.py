@@ -7,14 +7,13 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import TreeLoraConfig
 from .context import RouteRecord, RoutingContext, masked_mean
-from .leaves import apply_leaf_per_row, apply_leaf_per_sequence, mix_leaves
+from .leaves import apply_leaf_per_row, apply_leaf_per_sequence, apply_one_leaf, mix_leaves
 from .routing import attach_auxiliary_loss, descend, descend_logits, hardening_loss, load_balance_loss, path_probs
 
 
@@ -154,11 +153,11 @@ class TreeLoraLinear(nn.Module, TreeLoraLayer):
         scaling = self.scaling[adapter]
         depth = self.depth[adapter]
         if depth == 0:
-            return F.linear(F.linear(leaf_input, lora_A[0]), lora_B[0]) * scaling, None
+            return apply_one_leaf(leaf_input, lora_A[0], lora_B[0], scaling), None
         context = self.routing_context
         soft = self.training or context.soft_inference.get(adapter, False)
         if self.routing[adapter] == "sequence":
-            return self._sequence_routed(x, leaf_input, adapter, soft) * scaling, None
+            return self._sequence_routed(x, leaf_input, adapter, soft, scaling), None
 
         flat_x = x.reshape(-1, self.in_features)
         flat_input = leaf_input.reshape(-1, self.in_features)
@@ -166,22 +165,24 @@ class TreeLoraLinear(nn.Module, TreeLoraLayer):
         if soft:
             logits = router(flat_x)
             weights = path_probs(torch.sigmoid(logits), depth)
-            delta = mix_leaves(flat_input, lora_A, lora_B, weights)
+            delta = mix_leaves(flat_input, lora_A, lora_B, weights, scaling)
             aux = None
             if self.training or context.record_eval_usage or context.captured_routes is not None:
                 aux = self._record(adapter, descend_logits(logits.detach(), depth).view(x.shape[:-1]), logits, weights)
         else:
             leaf = descend(flat_x, router.weight, router.bias, depth)
-            delta = apply_leaf_per_row(flat_input, lora_A, lora_B, leaf)
+            delta = apply_leaf_per_row(flat_input, lora_A, lora_B, leaf, scaling)
             aux = self._record(adapter, leaf.view(x.shape[:-1]))
-        return delta.view(*x.shape[:-1], self.out_features) * scaling, aux
+        return delta.view(*x.shape[:-1], self.out_features), aux
 
-    def _sequence_routed(self, x: torch.Tensor, leaf_input: torch.Tensor, adapter: str, soft: bool) -> torch.Tensor:
+    def _sequence_routed(
+        self, x: torch.Tensor, leaf_input: torch.Tensor, adapter: str, soft: bool, scaling: float
+    ) -> torch.Tensor:
         context = self.routing_context
         pinned = context.pinned_leaf.get(adapter)
         lora_A, lora_B = self.treelora_A[adapter], self.treelora_B[adapter]
         if pinned is not None:
-            return F.linear(F.linear(leaf_input, lora_A[pinned]), lora_B[pinned])
+            return apply_one_leaf(leaf_input, lora_A[pinned], lora_B[pinned], scaling)
         if adapter not in context.sequence_leaf:
             raise RuntimeError(
                 f"TreeLoRA adapter '{adapter}' routes by sequence, but no route was computed for this batch. Call the "
@@ -200,8 +201,8 @@ class TreeLoraLinear(nn.Module, TreeLoraLayer):
             router = context.sequence_router.treelora_router[adapter]
             logits = router(context.pooled[adapter].to(router.weight.dtype))
             weights = path_probs(torch.sigmoid(logits), self.depth[adapter]).to(leaf_input.dtype)
-            return mix_leaves(leaf_input, lora_A, lora_B, weights.unsqueeze(1))
-        return apply_leaf_per_sequence(leaf_input, lora_A, lora_B, context.sequence_leaf[adapter])
+            return mix_leaves(leaf_input, lora_A, lora_B, weights.unsqueeze(1), scaling)
+        return apply_leaf_per_sequence(leaf_input, lora_A, lora_B, context.sequence_leaf[adapter], scaling)
 
     # --- merging ----------------------------------------------------------------------------------------------
 

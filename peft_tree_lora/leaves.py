@@ -2,6 +2,15 @@
 
 Soft routing mixes every leaf; hard routing applies one leaf per row. Neither builds a `(tokens, L, out)` tensor:
 the soft mix weights the rank-space activations, and the hard path only touches the chosen leaf of each row.
+
+Hard routing has three kernels, picked per call by the number of rows and leaves (thresholds measured with
+`tree-lora bench` and the micro-benchmarks described in the README's performance section, on 2 CPU cores):
+- gathered: each row's leaf matrices are gathered and applied by a batched matmul. Fewest operations, but its memory
+  traffic is rows x r x (in + out): only for a handful of rows (decoding a few sequences token by token).
+- grouped_mm: rows sorted by leaf, then one grouped matmul per factor (`torch.nn.functional.grouped_mm`), which runs
+  all leaves in one kernel call. Fastest for many rows; its per-group cost makes it lose when leaves far outnumber
+  rows. It has no CPU backward and wants 16-byte-aligned strides, so it serves inference only.
+- grouped loop: rows sorted by leaf, one matmul pair per leaf in use. The general fallback (autograd, any dtype).
 """
 
 from __future__ import annotations
@@ -9,64 +18,118 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Hard routing groups rows by leaf and runs one small matmul pair per leaf in use. When leaves are many and rows per
-# leaf few, the per-leaf overhead dominates and gathering each row's leaf weights is faster (at the price of
-# materialising rows x r x (in + out) gathered weights). Chosen by measurement (benchmarks/bench_tree_lora.py).
-GATHER_MAX_ROWS_PER_LEAF = 4
+# Up to this many rows, gathering each row's leaf weights beats sorting rows into groups.
+GATHER_MAX_ROWS = 8
+# grouped_mm pays a fixed cost per leaf, used or not: it is chosen while leaves <= this many times the rows.
+GROUPED_MM_MAX_LEAVES_PER_ROW = 2
+# Off switch for the grouped_mm kernel (tests use it to compare the kernels with each other).
+USE_GROUPED_MM = hasattr(F, "grouped_mm")
 
 
-def mix_leaves(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """`sum_k weights[..., k] * B_k A_k x` for `x` (`..., in`) and `weights` broadcastable to (`..., L`).
+def mix_leaves(
+    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, weights: torch.Tensor, scaling: float = 1.0
+) -> torch.Tensor:
+    """`scaling * sum_k weights[..., k] * B_k A_k x` for `x` (`..., in`) and `weights` broadcastable to (`..., L`).
 
-    Costs one rank-`L*r` LoRA: the leaf weights scale the rank-space activations before B is applied.
+    Costs one rank-`L*r` LoRA: the leaf weights (and the scaling) multiply the rank-space activations before B is
+    applied, so nothing of the output's width is built besides the output itself.
     """
     num_leaves, rank, in_features = lora_A.shape
     hidden = F.linear(x, lora_A.reshape(num_leaves * rank, in_features))
+    if scaling != 1.0:
+        weights = weights * scaling
     hidden = hidden.unflatten(-1, (num_leaves, rank)) * weights.unsqueeze(-1)
     return F.linear(hidden.flatten(-2), lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], num_leaves * rank))
 
 
 def apply_leaf_per_row(
-    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, leaf: torch.Tensor
+    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, leaf: torch.Tensor, scaling: float = 1.0
 ) -> torch.Tensor:
-    """`B_leaf[i] A_leaf[i] x[i]` for every row `i` of `x` (`T, in`): only the chosen leaf of each row is computed."""
+    """`scaling * B_leaf[i] A_leaf[i] x[i]` for every row `i` of `x` (`T, in`): only each row's leaf is computed."""
     num_leaves = lora_A.shape[0]
     rows = x.shape[0]
     if rows == 0:
         return x.new_zeros(0, lora_B.shape[1])
     if num_leaves == 1:
-        return F.linear(F.linear(x, lora_A[0]), lora_B[0])
-    if rows <= GATHER_MAX_ROWS_PER_LEAF * num_leaves:
-        return _gathered(x, lora_A, lora_B, leaf)
-    return _grouped(x, lora_A, lora_B, leaf)
+        return F.linear(_scaled(F.linear(x, lora_A[0]), scaling), lora_B[0])
+    if rows <= GATHER_MAX_ROWS:
+        return gathered(x, lora_A, lora_B, leaf, scaling)
+    if num_leaves <= GROUPED_MM_MAX_LEAVES_PER_ROW * rows and grouped_mm_usable(x, lora_A, lora_B):
+        return grouped_by_grouped_mm(x, lora_A, lora_B, leaf, scaling)
+    return grouped_by_loop(x, lora_A, lora_B, leaf, scaling)
 
 
-def _gathered(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+def gathered(
+    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, leaf: torch.Tensor, scaling: float = 1.0
+) -> torch.Tensor:
     hidden = torch.bmm(lora_A[leaf], x.unsqueeze(-1))  # (T, r, 1)
-    return torch.bmm(lora_B[leaf], hidden).squeeze(-1)
+    return torch.bmm(lora_B[leaf], _scaled(hidden, scaling)).squeeze(-1)
 
 
-def _grouped(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
-    order = torch.argsort(leaf)
-    counts = torch.bincount(leaf, minlength=lora_A.shape[0]).tolist()
+def grouped_by_grouped_mm(
+    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, leaf: torch.Tensor, scaling: float = 1.0
+) -> torch.Tensor:
+    order, inverse = _sorting(leaf)
+    ends = torch.bincount(leaf, minlength=lora_A.shape[0]).cumsum(0, dtype=torch.int32)
+    hidden = F.grouped_mm(x.index_select(0, order), lora_A.transpose(1, 2), offs=ends)
+    sorted_out = F.grouped_mm(_scaled(hidden, scaling), lora_B.transpose(1, 2), offs=ends)
+    return sorted_out.index_select(0, inverse)
+
+
+def grouped_by_loop(
+    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, leaf: torch.Tensor, scaling: float = 1.0
+) -> torch.Tensor:
+    order, inverse = _sorting(leaf)
+    counts = torch.bincount(leaf, minlength=lora_A.shape[0]).tolist()  # one host sync: the loop needs the sizes
     sorted_x = x.index_select(0, order)
     pieces = []
     start = 0
     for k, count in enumerate(counts):
         if count:
-            chunk = sorted_x[start : start + count]
-            pieces.append(F.linear(F.linear(chunk, lora_A[k]), lora_B[k]))
+            hidden = F.linear(sorted_x[start : start + count], lora_A[k])
+            pieces.append(F.linear(_scaled(hidden, scaling), lora_B[k]))
             start += count
-    out = torch.empty(x.shape[0], lora_B.shape[1], dtype=pieces[0].dtype, device=x.device)
-    out.index_copy_(0, order, torch.cat(pieces))
-    return out
+    return torch.cat(pieces).index_select(0, inverse)
+
+
+def _sorting(leaf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The permutation that sorts rows by leaf, and its inverse (gathering back with `index_select` is several
+    times faster on CPU than scattering with `index_copy_`)."""
+    order = torch.argsort(leaf)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
+    return order, inverse
+
+
+def _scaled(hidden: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Scaling in the rank space: r numbers per row instead of `out`."""
+    return hidden if scaling == 1.0 else hidden * scaling
+
+
+def grouped_mm_usable(*tensors: torch.Tensor) -> bool:
+    """Whether `grouped_mm` can run on these operands here: CPU, no autograd graph, a dtype it takes, and the
+    16-byte-aligned strides it requires (row widths that are multiples of 4 floats, e.g. rank 4, 8, 16...)."""
+    if not USE_GROUPED_MM:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != torch.float32:
+            return False
+        if t.shape[-1] % 4 or any(stride % 4 for stride in t.stride() if stride != 1):
+            return False
+    return True
 
 
 def apply_leaf_per_sequence(
-    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, leaf: torch.Tensor
+    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, leaf: torch.Tensor, scaling: float = 1.0
 ) -> torch.Tensor:
-    """`B_leaf[b] A_leaf[b] x[b]` for `x` (`B, T, in`) and one leaf per sequence `b`."""
+    """`scaling * B_leaf[b] A_leaf[b] x[b]` for `x` (`B, T, in`) and one leaf per sequence `b`."""
     if lora_A.shape[0] == 1:
-        return F.linear(F.linear(x, lora_A[0]), lora_B[0])
+        return F.linear(_scaled(F.linear(x, lora_A[0]), scaling), lora_B[0])
     hidden = torch.bmm(x, lora_A[leaf].transpose(1, 2))  # (B, T, r)
-    return torch.bmm(hidden, lora_B[leaf].transpose(1, 2))
+    return torch.bmm(_scaled(hidden, scaling), lora_B[leaf].transpose(1, 2))
+
+
+def apply_one_leaf(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
+    """`scaling * B A x` for one leaf's `A` (`r, in`) and `B` (`out, r`): a plain LoRA."""
+    return F.linear(_scaled(F.linear(x, lora_A), scaling), lora_B)

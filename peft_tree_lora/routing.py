@@ -12,9 +12,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-# Above this many inner nodes a hard descent gathers one router per level instead of evaluating all of them: the
-# full evaluation costs (2**d - 1) dot products per token, the gathered descent d of them plus an index gather.
-FULL_ROUTER_EVAL_MAX_NODES = 63
+from .leaves import grouped_mm_usable
+
+# Up to this depth a hard descent evaluates every router in one matmul: (2**d - 1) dot products per row, which for
+# d <= 4 (15 routers) costs less than the operations a cleverer descent would add.
+FULL_ROUTER_EVAL_MAX_DEPTH = 4
+# Deeper trees split in two: the top half of the tree is evaluated in full, then each row evaluates only the routers
+# of the subtree it fell into (about 2 * 2**(d/2) dot products instead of 2**d). Below this many rows x routers the
+# full evaluation is cheaper than the split's fixed cost (a few dozen microseconds).
+SPLIT_DESCENT_MIN_ROW_ROUTERS = 4096
 
 
 def num_nodes(depth: int) -> int:
@@ -36,30 +42,58 @@ def path_probs(p: torch.Tensor, depth: int) -> torch.Tensor:
 
 def descend_logits(logits: torch.Tensor, depth: int) -> torch.Tensor:
     """Hard leaf index (`...`, int64) from the logits of every node (`..., 2**d - 1`): right where logit >= 0."""
-    leaf = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
-    for level in range(depth):
-        node = leaf + (2**level - 1)
-        right = logits.gather(-1, node.unsqueeze(-1)).squeeze(-1) >= 0
-        leaf = leaf * 2 + right
-    return leaf
+    if depth == 0:
+        return torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    # the child of node n is 2n + step, with step 1 (left) or 2 (right): two operations per level
+    step = (logits >= 0).long().add_(1)
+    node = step[..., :1]
+    for _ in range(1, depth):
+        node = torch.add(step.gather(-1, node), node, alpha=2)
+    return node.squeeze(-1) - (2**depth - 1)
 
 
+@torch.no_grad()
 def descend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, depth: int) -> torch.Tensor:
     """Hard leaf index for each row of `x` (`T, in`) through routers `weight` (`2**d - 1, in`) and `bias`.
 
-    Small trees evaluate every router in one matmul; deep trees evaluate only the `d` routers on each row's path, so
-    the cost grows with the depth, not with the number of leaves.
+    Small trees evaluate every router in one matmul. Deep trees evaluate the top `ceil(d/2)` levels in full, then
+    each row evaluates only the routers of its subtree (one grouped matmul over rows sorted by subtree), so the
+    router cost grows like `2**(d/2)`, not `2**d`. No gradient flows through a hard decision.
     """
+    rows = x.shape[0]
     if depth == 0:
-        return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    if weight.shape[0] <= FULL_ROUTER_EVAL_MAX_NODES:
+        return torch.zeros(rows, dtype=torch.long, device=x.device)
+    split = (
+        depth > FULL_ROUTER_EVAL_MAX_DEPTH
+        and rows * weight.shape[0] >= SPLIT_DESCENT_MIN_ROW_ROUTERS
+        and grouped_mm_usable(x, weight)
+    )
+    if not split:
         return descend_logits(F.linear(x, weight, bias), depth)
-    leaf = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    for level in range(depth):
-        node = leaf + (2**level - 1)
-        logit = torch.bmm(weight[node].unsqueeze(1), x.unsqueeze(2)).view(-1) + bias[node]
-        leaf = leaf * 2 + (logit >= 0)
-    return leaf
+    top = (depth + 1) // 2
+    top_nodes = 2**top - 1
+    subtree = descend_logits(F.linear(x, weight[:top_nodes], bias[:top_nodes]), top)
+    nodes = subtree_nodes(top, depth - top, weight.device)  # (2**top, 2**(d-top) - 1) heap indices
+    order = torch.argsort(subtree)
+    ends = torch.bincount(subtree, minlength=nodes.shape[0]).cumsum(0, dtype=torch.int32)
+    sorted_logits = F.grouped_mm(x.index_select(0, order), weight[nodes].transpose(1, 2), offs=ends)
+    sorted_logits += bias[nodes].index_select(0, subtree.index_select(0, order))
+    logits = torch.empty_like(sorted_logits).index_copy_(0, order, sorted_logits)
+    return subtree * 2 ** (depth - top) + descend_logits(logits, depth - top)
+
+
+_SUBTREE_NODES: dict[tuple[int, int, str], torch.Tensor] = {}
+
+
+def subtree_nodes(top: int, below: int, device: torch.device) -> torch.Tensor:
+    """Heap indices of the routers of each subtree hanging below level `top`: row `s` lists, in the subtree's own
+    heap order, the `2**below - 1` routers of the subtree whose root is node `2**top - 1 + s`."""
+    key = (top, below, str(device))
+    if key not in _SUBTREE_NODES:
+        subtree = torch.arange(2**top).unsqueeze(1)
+        levels = [2 ** (top + j) - 1 + subtree * 2**j + torch.arange(2**j) for j in range(below)]
+        _SUBTREE_NODES[key] = torch.cat(levels, dim=1).to(device)
+    return _SUBTREE_NODES[key]
 
 
 def hardening_loss(logits: torch.Tensor) -> torch.Tensor:
