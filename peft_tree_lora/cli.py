@@ -16,6 +16,7 @@ import re
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else list(argv)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         args = build_parser().parse_args(arguments)
         args.argv = arguments
@@ -249,6 +251,18 @@ def _write_command(path: Path, args: argparse.Namespace) -> None:
 
 def load_base(spec: str, verbose: bool = True):
     """(model, tokenizer, description) for 'embedded', a local folder, or a Hub id (local cache first)."""
+    from transformers.utils import logging as transformers_logging
+
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # a sub-second load needs no bar; a conversion shows its own
+    try:
+        return _load_base(spec, verbose)
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
+def _load_base(spec: str, verbose: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if spec == "embedded":

@@ -74,7 +74,15 @@ def _convert(source: Path, target: Path, stamp: dict[str, Any], verbose: bool) -
     say(f"converting the embedded model {source.name} to an fp32 copy in {target} (once; about 20 s) ...")
     started = time.perf_counter()
     say("  [1/3] dequantising the GGUF weights")
-    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    from transformers.utils import logging as transformers_logging
+
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.enable_progress_bar()  # the one slow step: show its bar even where loading bars are off
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    finally:
+        if not bars:
+            transformers_logging.disable_progress_bar()
     say(f"  [2/3] reading the tokenizer ({time.perf_counter() - started:.0f} s so far)")
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     # a GGUF-loaded model keeps its quantizer and refuses save_pretrained; the weights are plain fp32 by now

@@ -1,0 +1,216 @@
+"""The `tree-lora` command line, end to end on a tiny Llama saved to disk and a small text file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from cli_assets import save_tiny_model, write_sample_text
+from conftest import make_tiny_llama
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from peft_tree_lora.cli import main
+
+FAST = ["--seq-len", "16", "--steps", "4", "--batch-size", "4", "--eval-every", "2", "--eval-blocks", "4", "--quiet"]
+TREE = ["--depth", "2", "--rank", "4"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy machine makes two threads spin."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    return {
+        "model": save_tiny_model(root / "tiny-model"),
+        "text": write_sample_text(root / "sample.txt"),
+        "root": root,
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(assets) -> Path:
+    output = assets["root"] / "trained"
+    torch.set_num_threads(1)
+    code = main(
+        ["train", "--model", str(assets["model"]), "--data", str(assets["text"]), *FAST, *TREE, "-o", str(output)]
+    )
+    assert code == 0
+    return output
+
+
+def test_train_saves_a_tree_adapter_that_peft_loads(trained, assets):
+    config = json.loads((trained / "adapter_config.json").read_text())
+    assert config["peft_type"] == "TREELORA" and config["depth"] == 2 and config["r"] == 4
+    run = json.loads((trained / "tree_lora_run.json").read_text())
+    assert run["steps_done"] == 4
+    assert [point[0] for point in run["eval_curve"]] == [0, 2, 4]
+    assert run["eval_curve"][1][1] == 2 * 4 * 16  # tokens seen: steps x batch x sequence length
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["model"]), str(trained))
+    assert model.base_model.parameter_counts()["total"] == run["trainable_params"]
+
+
+def test_train_prints_a_summary_with_held_out_loss(assets, tmp_path, capsys):
+    output = tmp_path / "out"
+    code = main(
+        ["train", "--model", str(assets["model"]), "--data", str(assets["text"]), *FAST, *TREE, "-o", str(output)]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "held-out loss" in printed and "active per token" in printed and f"saved to {output}" in printed
+
+
+def test_compare_writes_report_plots_and_a_table_of_three_runs(assets, tmp_path, capsys):
+    output = tmp_path / "compare"
+    argv = ["compare", "--model", str(assets["model"]), "--data", str(assets["text"]), *FAST, *TREE, "-o", str(output)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    for name in ("LoRA r=4", "TreeLoRA d=2 r=4", "LoRA r=16"):
+        assert f"| {name} |" in printed
+    report = (output / "report.md").read_text()
+    assert "| LoRA r=4 |" in report and "![held-out loss](heldout_loss.png)" in report
+    for picture in ("heldout_loss.png", "leaf_usage_treelora-d-2-r-4.png"):
+        assert (output / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lora, tree, big_lora = json.loads((output / "results.json").read_text())
+    routers_per_token = tree["active_params_per_token"] - lora["active_params_per_token"]
+    assert 0 < routers_per_token < lora["active_params_per_token"]  # same compute per token, plus d router rows
+    assert tree["trainable_params"] - big_lora["trainable_params"] > 0  # same leaves plus the routers
+    assert lora["eval_curve"][0] == tree["eval_curve"][0] == big_lora["eval_curve"][0]  # same base, same data
+    assert sum(sum(counts) for counts in tree["leaf_usage"].values()) > 0
+
+
+def test_inspect_shows_shape_counts_routing_and_file_usage(trained, assets, capsys):
+    assert main(["inspect", str(trained), "--text", "the king", "--file", str(assets["text"]), "--seq-len", "16"]) == 0
+    printed = capsys.readouterr().out
+    assert "depth 2, 4 leaves of rank 4" in printed
+    assert "active per token" in printed
+    assert "t:" in printed  # per-token leaves of the first module
+    assert "layer 0" in printed and "layer 1" in printed
+
+
+def test_generate_continues_the_prompt(trained, capsys):
+    assert main(["generate", str(trained), "--prompt", "the king", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+
+
+def test_an_earlier_output_is_replaced_only_with_overwrite(trained, assets, capsys):
+    argv = ["train", "--model", str(assets["model"]), "--data", str(assets["text"]), *FAST, *TREE, "-o", str(trained)]
+    before = (trained / "adapter_model.safetensors").read_bytes()
+    assert main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (trained / "adapter_model.safetensors").read_bytes() == before
+
+
+def _bad_inputs(assets: dict[str, Path], tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    model, text = str(assets["model"]), str(assets["text"])
+    (tmp_path / "empty.txt").write_text("   \n")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    out = str(tmp_path / "out")
+    base = ["--model", model, "--data", text, *FAST]
+    return {
+        "missing model folder": (["train", "--model", str(tmp_path / "nowhere"), "--data", text, "-o", out], "model"),
+        "unknown hub model": (
+            ["train", "--model", "no-such-user-xyz/no-such-model", "--data", text, "-o", out],
+            "model",
+        ),
+        "data without text": (
+            ["train", "--model", model, "--data", str(tmp_path / "empty.txt"), "-o", out],
+            "no text",
+        ),
+        "missing data file": (["train", "--model", model, "--data", str(tmp_path / "none.txt"), "-o", out], "no data"),
+        "depth out of range": (["train", *base, "--depth", "11", "-o", out], "--depth"),
+        "zero steps": (["train", *base, "--steps", "0", "-o", out], "--steps"),
+        "learning rate out of range": (["train", *base, "--lr", "3", "-o", out], "--lr"),
+        "layers out of range": (["train", *base, "--layers", "5-9", "-o", out], "layers 0 to 1"),
+        "unknown target module": (["train", *base, "--target-modules", "attn_zz", "-o", out], "q_proj"),
+        "sequence longer than the model's context": (["train", *base, "--seq-len", "4096", "-o", out], "context"),
+        "output folder holds other files": (["train", *base, "-o", str(tmp_path / "taken")], "other files"),
+        "compare at depth 0": (["compare", *base, "--depth", "0", "-o", out], "--depth >= 1"),
+        "unknown command": (["fly"], "invalid choice"),
+        "inspect a folder without an adapter": (["inspect", str(tmp_path)], "adapter_config.json"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing model folder",
+        "unknown hub model",
+        "data without text",
+        "missing data file",
+        "depth out of range",
+        "zero steps",
+        "learning rate out of range",
+        "layers out of range",
+        "unknown target module",
+        "sequence longer than the model's context",
+        "output folder holds other files",
+        "compare at depth 0",
+        "unknown command",
+        "inspect a folder without an adapter",
+    ],
+)
+def test_bad_input_is_one_line_on_stderr_with_status_2_and_nothing_written(case, assets, tmp_path, capsys):
+    argv, mentions = _bad_inputs(assets, tmp_path)[case]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tree-lora: error:"), captured.err
+    assert mentions in lines[0]
+    assert not (tmp_path / "out").exists()
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", ["inspect", "generate"])
+def test_inspect_and_generate_refuse_a_lora_adapter(command, assets, tmp_path, capsys):
+    lora = get_peft_model(make_tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    lora.save_pretrained(tmp_path / "lora")
+    extra = ["--prompt", "x"] if command == "generate" else []
+    assert main([command, str(tmp_path / "lora"), "--model", str(assets["model"]), *extra]) == 2
+    err = capsys.readouterr().err
+    assert "LORA adapter, not TreeLoRA" in err and len(err.strip().splitlines()) == 1
+
+
+def test_plugin_modules_become_subcommands(tmp_path, monkeypatch, capsys):
+    (tmp_path / "tree_lora_fake_plugin.py").write_text(
+        textwrap.dedent(
+            """
+            def configure_parser(parser):
+                parser.add_argument("--times", type=int, default=1)
+
+            def run(args):
+                print("plugged in" * args.times)
+                return 7
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("peft_tree_lora.cli.PLUGINS", {"fake": ("tree_lora_fake_plugin", "a test plug-in")})
+    assert main(["fake", "--times", "2"]) == 7
+    assert capsys.readouterr().out.strip() == "plugged inplugged in"
+
+
+def test_python_dash_m_reports_bad_input_without_a_traceback(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "peft_tree_lora", "train", "--depth", "99", "-o", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("tree-lora: error: argument --depth")
+    assert not (tmp_path / "out").exists()
