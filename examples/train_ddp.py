@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -52,9 +54,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--ddp-timeout", type=int, default=120, help="seconds a collective waits for a peer")
     parser.add_argument(
-        "--crash-rank", type=int, default=None, help="fault drill: this rank exits abruptly after --crash-after-step"
+        "--crash-rank", type=int, default=None, help="fault drill: this rank fails after --crash-after-step"
     )
     parser.add_argument("--crash-after-step", type=int, default=2)
+    parser.add_argument(
+        "--crash-mode", choices=["exit", "hang"], default="exit", help="fail by exiting abruptly, or by hanging"
+    )
     return parser.parse_args()
 
 
@@ -80,15 +85,19 @@ def tiny_llama() -> LlamaForCausalLM:
 
 
 class CrashDrill(TrainerCallback):
-    """Ends one rank abruptly mid-training, as a killed or failed worker would."""
+    """Makes one rank fail mid-training: exit abruptly (a killed worker) or hang (a stuck one)."""
 
-    def __init__(self, rank: int, after_step: int) -> None:
-        self.rank, self.after_step = rank, after_step
+    def __init__(self, rank: int, after_step: int, mode: str) -> None:
+        self.rank, self.after_step, self.mode = rank, after_step, mode
 
     def on_step_end(self, args, state, control, **kwargs) -> None:
-        if args.process_index == self.rank and state.global_step == self.after_step:
-            print(f"[rank {self.rank}] crash drill: exiting abruptly after step {state.global_step}", flush=True)
+        if args.process_index != self.rank or state.global_step != self.after_step:
+            return
+        print(f"[rank {self.rank}] crash drill: {self.mode} after step {state.global_step}", flush=True)
+        if self.mode == "exit":
             os._exit(3)
+        time.sleep(10 * args.ddp_timeout)  # outlives the peers' timeout; they must give up, not wait forever
+        os._exit(4)
 
 
 def max_difference_across_ranks(model: torch.nn.Module) -> float:
@@ -140,7 +149,7 @@ def train_one(routing: str, options: argparse.Namespace) -> None:
     )
     callbacks = [RoutingTelemetryCallback()]
     if options.crash_rank is not None:
-        callbacks.append(CrashDrill(options.crash_rank, options.crash_after_step))
+        callbacks.append(CrashDrill(options.crash_rank, options.crash_after_step, options.crash_mode))
     trainer = Trainer(
         model=model,
         args=args,
@@ -162,8 +171,20 @@ def train_one(routing: str, options: argparse.Namespace) -> None:
         )
 
 
+def init_cpu_process_group(timeout_s: int) -> None:
+    """Start the gloo process group with our timeout when launched on several CPU processes.
+
+    transformers 5.24 hands `ddp_timeout` to accelerate only when it does not run on CPU (with `use_cpu=True` the
+    group gets gloo's default of 30 minutes), so a stuck peer would hold the others for half an hour. accelerate
+    adopts a process group that already exists, so starting it here with the timeout is enough.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+
+
 def main() -> None:
     options = parse_args()
+    init_cpu_process_group(options.ddp_timeout)
     for routing in options.routing:
         train_one(routing, options)
     if dist.is_available() and dist.is_initialized():
