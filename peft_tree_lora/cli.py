@@ -159,7 +159,7 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
         help="'embedded' (Python docs + Shakespeare, default), a .txt/.jsonl file, or a Hub dataset id",
     )
     group.add_argument("--seq-len", type=_int_range(2, 8192), default=64, help="tokens per block (default 64)")
-    group.add_argument("--eval-blocks", type=_int_range(1), default=32, help="held-out blocks evaluated (default 32)")
+    group.add_argument("--eval-blocks", type=_int_range(1), default=16, help="held-out blocks evaluated (default 16)")
 
 
 def _add_tree_options(parser: argparse.ArgumentParser) -> None:
@@ -185,7 +185,7 @@ def _add_tree_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
-    group.add_argument("--steps", type=_int_range(1, 10_000_000), default=100)
+    group.add_argument("--steps", type=_int_range(1, 10_000_000), default=80)
     group.add_argument("--batch-size", type=_int_range(1, 65536), default=8)
     group.add_argument("--lr", type=_float_range(0.0, 1.0, low_open=True), default=2e-3, help="learning rate")
     group.add_argument("--warmup-steps", type=_int_range(0), default=None, help="default: a tenth of --steps")
