@@ -59,7 +59,9 @@ def main(argv: list[str]) -> int:
         return 0
     if command == "test":
         return subprocess.run([str(PYTHON), "-m", "pytest", "-q", *extra], cwd=ROOT).returncode
-    return subprocess.run([str(PYTHON), str(ROOT / "examples" / "demo.py"), *extra], cwd=ROOT).returncode
+    # the main job: LoRA r vs TreeLoRA vs LoRA r*2**d on the embedded SmolLM2 and corpus, ending with the table
+    main_job = ["-m", "peft_tree_lora", "compare", "--output-dir", "runs/demo", "--overwrite", *extra]
+    return subprocess.run([str(PYTHON), *main_job], cwd=ROOT).returncode
 
 
 if __name__ == "__main__":
