@@ -239,10 +239,8 @@ def test_serve_router_example_routes_each_prompt_to_the_tree_leaf_and_generates_
     prompts = [" ".join(f"w{t}" for t in candidates[i].tolist()) for i in chosen]
     expected = []
     for i in chosen:
-        with torch.no_grad():  # no KV cache: see the report on sequence routes under transformers' `cache` kwarg
-            generated = model.generate(
-                input_ids=candidates[i : i + 1], max_new_tokens=6, do_sample=False, use_cache=False
-            )
+        with torch.no_grad():
+            generated = model.generate(input_ids=candidates[i : i + 1], max_new_tokens=6, do_sample=False)
         expected.append({"leaf": routes[i], "token_ids": generated[0, 5:].tolist()})
 
     argv = ["serve_router.py", str(tmp_path / "exported"), "--base", str(tmp_path / "base"), "--max-new-tokens", "6"]

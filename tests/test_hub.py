@@ -20,12 +20,14 @@ from conftest import make_tiny_llama
 from helpers import logits, trained_looking, tree_model
 from hub_server import HubServer
 from huggingface_hub import ModelCard
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from peft_tree_lora import TreeLoraConfig
+from peft_tree_lora.errors import TreeLoraUsageError
 from peft_tree_lora.export import export_leaf
-from peft_tree_lora.hub import summarize_adapter
+from peft_tree_lora.hub import from_pretrained, summarize_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = torch.randint(3, 90, (3, 10), generator=torch.Generator().manual_seed(7))
@@ -342,3 +344,16 @@ def test_loading_a_plain_lora_repo_as_treelora_is_refused(published):
 )
 def test_loading_a_repo_without_a_treelora_config_is_refused_saying_what_is_there(case, words, published):
     assert words in published["loaded"]["errors"][case]
+
+
+def test_from_pretrained_checks_local_directories_too(tmp_path):
+    get_peft_model(make_tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "lora")
+    with pytest.raises(TreeLoraUsageError, match="holds a LORA adapter, not a TreeLoRA one"):
+        from_pretrained(str(tmp_path / "lora"), make_tiny_llama())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TreeLoraUsageError, match="has no adapter_config.json"):
+        from_pretrained(str(tmp_path / "empty"), make_tiny_llama())
+    tree = trained_looking(tree_model(make_tiny_llama(), depth=1, init_lora_weights=False)).eval()
+    tree.save_pretrained(tmp_path / "tree")
+    loaded = from_pretrained(str(tmp_path / "tree"), make_tiny_llama())
+    assert torch.equal(logits(loaded.eval(), PROMPTS), logits(tree, PROMPTS))
