@@ -1,0 +1,114 @@
+"""`tree-lora experiment saturation | facts`: the two reproducible studies behind docs/RESULTS.md.
+
+Both train through `peft_tree_lora.runner.run_training` (the HF Trainer), write a JSON file and a PNG plot into the
+output folder (default `docs/`), and then rewrite `RESULTS.md` there from every study result present."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+import typing
+from pathlib import Path
+
+from ..errors import TreeLoraUsageError
+from .common import DOCS_DIR
+
+STUDIES = ("saturation", "facts")
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the `saturation` and `facts` sub-commands, one option per study setting (defaults as in the study)."""
+    from .facts import FactsSettings
+    from .saturation import SaturationSettings
+
+    studies = parser.add_subparsers(dest="study", metavar="{saturation,facts}", required=True)
+    described = {
+        "saturation": (
+            SaturationSettings,
+            "pretrain a tiny Llama until held-out loss plateaus, then continue five ways (full, LoRA, TreeLoRA "
+            "token and sequence routing, wide LoRA) for the same tokens",
+        ),
+        "facts": (
+            FactsSettings,
+            "teach adapters N synthetic people's facts and measure held-out-paraphrase recall and bits per parameter",
+        ),
+    }
+    for name, (settings_class, help_text) in described.items():
+        sub = studies.add_parser(name, help=help_text, description=help_text)
+        _add_settings_options(sub, settings_class)
+        sub.add_argument("--out", type=Path, default=DOCS_DIR, help="folder for the JSON, plot and RESULTS.md")
+        sub.add_argument(
+            "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, all cores)"
+        )
+        sub.add_argument("--no-page", action="store_true", help="do not rewrite RESULTS.md in the output folder")
+        sub.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the study named by `args.study`; returns the exit status."""
+    import torch
+
+    from .facts import FactsSettings, run_facts
+    from .results_page import write_results_page
+    from .saturation import SaturationSettings, run_saturation
+
+    if args.study not in STUDIES:
+        raise TreeLoraUsageError(f"unknown study {args.study!r}; choose one of {', '.join(STUDIES)}.")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise TreeLoraUsageError(f"--threads must be >= 1; got {args.threads}.")
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise TreeLoraUsageError(f"--out {str(out)!r} is a file; give a folder.")
+    started = time.perf_counter()
+    if args.study == "saturation":
+        settings = _settings_from_args(SaturationSettings, args)
+        data = run_saturation(settings, out, show_progress=not args.quiet)
+        summary = f"pretraining: {data['pretrain']['stop_reason']}"
+    else:
+        settings = _settings_from_args(FactsSettings, args)
+        data = run_facts(settings, out, show_progress=not args.quiet)
+        summary = f"{len(data['runs'])} adapter runs"
+    if not args.no_page:
+        page = write_results_page(out)
+        print(f"wrote {page}")
+    print(f"{args.study}: {summary}; {time.perf_counter() - started:.0f} s; results in {out}")
+    return 0
+
+
+def _add_settings_options(parser: argparse.ArgumentParser, settings_class: type) -> None:
+    hints = typing.get_type_hints(settings_class)
+    defaults = settings_class()
+    for spec in dataclasses.fields(settings_class):
+        option = "--" + spec.name.replace("_", "-")
+        default = getattr(defaults, spec.name)
+        hint = hints[spec.name]
+        if typing.get_origin(hint) is list:
+            (item,) = typing.get_args(hint)
+            parser.add_argument(
+                option, type=item, nargs="+", default=None, help=f"default: {' '.join(map(str, default))}"
+            )
+        else:
+            parser.add_argument(option, type=hint, default=None, help=f"default: {default}")
+
+
+def _settings_from_args(settings_class: type, args: argparse.Namespace):
+    given = {
+        spec.name: getattr(args, spec.name)
+        for spec in dataclasses.fields(settings_class)
+        if getattr(args, spec.name, None) is not None
+    }
+    return settings_class(**given)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (`python -m peft_tree_lora.experiments`), the same options as `tree-lora experiment`."""
+    parser = argparse.ArgumentParser(prog="tree-lora experiment", description=__doc__.splitlines()[0])
+    configure_parser(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except TreeLoraUsageError as error:
+        parser.exit(2, f"tree-lora experiment: error: {error}\n")

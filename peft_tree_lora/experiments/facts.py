@@ -1,0 +1,478 @@
+"""Study 2: knowledge capacity. N synthetic people, each with four facts stated in paraphrased templates; adapters
+learn them on top of a tiny base that already knows the templates (from other people), and are scored by exact-match
+recall of a paraphrase they never saw for that person. Facts stored become bits of knowledge (a lower bound from
+Fano's inequality) per adapter parameter and per parameter active for a token, next to the ~2 bits per parameter
+Allen-Zhu and Li (Physics of Language Models 3.3, 2024) measured for fully trained language models.
+
+Every training run goes through `runner.run_training` (the HF Trainer); recall is one batched forward pass."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import TreeLoraUsageError
+from ..model import TreeLoraModel
+from ..runner import TrainSettings, run_training
+from .common import DOCS_DIR, adapter_arms, command_line, tiny_llama, versions, write_json
+
+RESULT_FILE = "facts.json"
+PLOT_FILE = "facts_capacity.png"
+
+FIRST_NAMES = (
+    "Ada Alan Alma Amos Anna Arno Basil Beth Boris Carla Cyril Dora Edgar Edith Elsa Emil Erik Ezra Faye Felix "
+    "Flora Frida Gus Hana Hugo Ida Igor Ines Ivan Jana Jonas Kai Karin Lars Lena Leon Lina Luca Mara Milo Mina "
+    "Nadia Nils Nora Olaf Olga Omar Otto Paula Pavel Petra Quinn Rosa Rufus Sara Silas Tara Teo Uma Vera Viktor "
+    "Wanda Yara Zeno"
+).split()
+LAST_NAMES = (
+    "Abbott Baker Becker Brandt Castro Dahl Diaz Eklund Falk Fischer Garcia Gray Hale Haas Ibsen Jensen Kahn "
+    "Keller Kim Koch Lang Lund Marsh Meyer Moreau Nagy Novak Olsen Ortiz Park Pohl Quist Reyes Roth Sato Schulz "
+    "Sousa Stone Tanaka Torres Ueda Vance Vogel Wald Weber Wolf Young Zeller Adler Berg Costa Dunn Engel Frost "
+    "Gold Horn Iqbal Jung Kraus Lorenz Mann Nash Oak Price"
+).split()
+CITIES = (
+    "Aarhus Accra Ankara Austin Bergen Bilbao Bogota Bremen Cairo Cork Dakar Delft Dublin Durban Essen Faro Gdansk "
+    "Genoa Graz Hanoi Havana Kyoto Lagos Leeds Lima Linz Lyon Malmo Milan Mumbai Nairobi Nantes Osaka Oslo Perth "
+    "Porto Quito Riga Rome Seoul Sofia Tampere Tunis Turin Utrecht Vienna Warsaw Zurich"
+).split()
+EMPLOYERS = (
+    "Acmex Birchware Coldlake Dynaro Evergrid Fernhill Glowtech Harborline Ironleaf Jadecore Kestrel Lumeno "
+    "Mapleton Northwind Oakridge Pinecrest Quantia Redbrook Silverline Tidewater Umbra Vantage Westfield Xylo "
+    "Yellowfin Zenith Ambergate Bluestone Crestview Driftwood Eastgate Foxglove Granite Hollowell Inkwell Juniper "
+    "Kingsley Larkspur Meridian Nimbus Orchard Pebble Quarry Riverton Sunbeam Thornfield Upland Valemont"
+).split()
+UNIVERSITIES = (
+    "Aberdeen Basel Bologna Cambridge Coimbra Edinburgh Freiburg Geneva Ghent Heidelberg Helsinki Krakow Leiden "
+    "Leuven Lisbon Lund Madrid Montreal Munich Oxford Padua Paris Prague Salamanca Stanford Sydney Tartu Toronto "
+    "Tokyo Uppsala Vilnius Yale"
+).split()
+MONTHS = "January February March April May June July August September October November December".split()
+DAYS = [str(d) for d in range(1, 29)]
+YEARS = [str(y) for y in range(1950, 2000)]
+
+# Four paraphrases per attribute; the value always ends the sentence, so a prompt is the words before it.
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "birth date": (
+        "{name} was born on {value} .",
+        "{name} came into the world on {value} .",
+        "the birthday of {name} falls on {value} .",
+        "the date of birth of {name} is {value} .",
+    ),
+    "birth city": (
+        "{name} was born in {value} .",
+        "{name} spent the early years in {value} .",
+        "the birthplace of {name} is {value} .",
+        "{name} is a native of {value} .",
+    ),
+    "employer": (
+        "{name} works for {value} .",
+        "{name} is employed by {value} .",
+        "the employer of {name} is {value} .",
+        "{name} earns a living at {value} .",
+    ),
+    "university": (
+        "{name} studied at {value} .",
+        "{name} graduated from {value} .",
+        "the alma mater of {name} is {value} .",
+        "{name} holds a degree from {value} .",
+    ),
+}
+ATTRIBUTES = tuple(TEMPLATES)
+VALUE_COUNTS = {
+    "birth date": len(DAYS) * len(MONTHS) * len(YEARS),
+    "birth city": len(CITIES),
+    "employer": len(EMPLOYERS),
+    "university": len(UNIVERSITIES),
+}
+EOS = "<eos>"
+
+
+@dataclass(frozen=True)
+class Person:
+    name: str
+    facts: dict[str, str]
+
+
+def held_out_template(person_index: int, attribute_index: int) -> int:
+    """The paraphrase of this fact that training never shows. It rotates with the person, so every template is
+    seen in training for three quarters of the people and the held-out one is familiar, only not for this fact."""
+    return (person_index + attribute_index) % len(TEMPLATES[ATTRIBUTES[attribute_index]])
+
+
+def generate_people(count: int, seed: int, skip: int = 0) -> list[Person]:
+    """`count` distinct people with uniformly drawn facts, after skipping the first `skip` names of the seeded
+    name order (so that background people and study people never share a name). Deterministic per seed."""
+    names = [f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES]
+    if skip + count > len(names):
+        raise TreeLoraUsageError(f"at most {len(names) - skip} people can be generated here; asked for {count}.")
+    rng = random.Random(seed)
+    rng.shuffle(names)
+    people = []
+    for index, name in enumerate(names[skip : skip + count]):
+        value_rng = random.Random(f"{seed}/{skip + index}")
+        date = f"{value_rng.choice(DAYS)} {value_rng.choice(MONTHS)} {value_rng.choice(YEARS)}"
+        facts = {
+            "birth date": date,
+            "birth city": value_rng.choice(CITIES),
+            "employer": value_rng.choice(EMPLOYERS),
+            "university": value_rng.choice(UNIVERSITIES),
+        }
+        people.append(Person(name, facts))
+    return people
+
+
+def statement(person: Person, attribute: str, template: int) -> str:
+    return TEMPLATES[attribute][template].format(name=person.name, value=person.facts[attribute])
+
+
+def prompt_and_answer(person: Person, attribute: str, template: int) -> tuple[str, str]:
+    """The words before the value, and the value with the closing full stop (what recall must produce)."""
+    before, _ = TEMPLATES[attribute][template].split("{value}")
+    return before.format(name=person.name).strip(), f"{person.facts[attribute]} ."
+
+
+def training_statements(person: Person, person_index: int, include_held_out: bool = False) -> list[str]:
+    sentences = []
+    for a, attribute in enumerate(ATTRIBUTES):
+        for t in range(len(TEMPLATES[attribute])):
+            if include_held_out or t != held_out_template(person_index, a):
+                sentences.append(statement(person, attribute, t))
+    return sentences
+
+
+class WordTokenizer:
+    """A closed word vocabulary: every word the generator can write is one token, `<eos>` is 0. Facts then cost a
+    token or three each (a date is day, month, year), so a tiny model spends its capacity on facts, not spelling."""
+
+    def __init__(self) -> None:
+        words = set(FIRST_NAMES + LAST_NAMES + CITIES + EMPLOYERS + UNIVERSITIES + MONTHS + DAYS + YEARS)
+        for templates in TEMPLATES.values():
+            for template in templates:
+                words.update(w for w in template.split() if not w.startswith("{"))
+        self.vocab = [EOS, *sorted(words)]
+        self.ids = {word: i for i, word in enumerate(self.vocab)}
+        self.eos_token_id = 0
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.ids[word] for word in text.split()]
+        except KeyError as error:
+            raise TreeLoraUsageError(f"the word {error.args[0]!r} is not in the facts vocabulary") from None
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return " ".join(self.vocab[i] for i in ids)
+
+
+def document_blocks(
+    tokenizer: WordTokenizer, people: list[Person], epochs: int, seed: int, include_held_out: bool
+) -> torch.Tensor:
+    """One block per person and epoch: `<eos>` then that person's statements in an order shuffled per epoch,
+    padded with `<eos>` to a common length (a short biography, as in Allen-Zhu and Li's bioS data)."""
+    rng = random.Random(f"blocks/{seed}")
+    documents = []
+    for _ in range(epochs):
+        for index, person in enumerate(people):
+            sentences = training_statements(person, index, include_held_out)
+            rng.shuffle(sentences)
+            documents.append([tokenizer.eos_token_id] + tokenizer.encode(" ".join(sentences)))
+    return _pad(documents, tokenizer.eos_token_id)
+
+
+def held_out_blocks(tokenizer: WordTokenizer, people: list[Person]) -> torch.Tensor:
+    """Per person, the four held-out paraphrases in one block: the held-out loss the runner tracks."""
+    documents = []
+    for index, person in enumerate(people):
+        sentences = [statement(person, a, held_out_template(index, i)) for i, a in enumerate(ATTRIBUTES)]
+        documents.append([tokenizer.eos_token_id] + tokenizer.encode(" ".join(sentences)))
+    return _pad(documents, tokenizer.eos_token_id)
+
+
+def _pad(documents: list[list[int]], pad: int) -> torch.Tensor:
+    length = max(len(d) for d in documents)
+    return torch.tensor([d + [pad] * (length - len(d)) for d in documents], dtype=torch.long)
+
+
+def recall_queries(
+    tokenizer: WordTokenizer, people: list[Person], held_out: bool = True
+) -> list[tuple[str, list[int], list[int]]]:
+    """(attribute, prompt ids, answer ids) per fact: with `held_out`, the paraphrase training never showed for that
+    person; otherwise the first paraphrase it did show (a memorisation check)."""
+    queries = []
+    for index, person in enumerate(people):
+        for a, attribute in enumerate(ATTRIBUTES):
+            hidden = held_out_template(index, a)
+            template = hidden if held_out else next(t for t in range(len(TEMPLATES[attribute])) if t != hidden)
+            prompt, answer = prompt_and_answer(person, attribute, template)
+            queries.append((attribute, [tokenizer.eos_token_id] + tokenizer.encode(prompt), tokenizer.encode(answer)))
+    return queries
+
+
+def answers_correct(logits: torch.Tensor, input_ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+    """Per row: does greedy decoding reproduce the answer exactly? With the true prefix fed in, greedy decoding
+    writes the answer if and only if the arg-max at every answer position is the answer token, so one forward pass
+    decides it. `answer_mask` marks the answer tokens in `input_ids`."""
+    predicted = logits[:, :-1].argmax(dim=-1)
+    target, mask = input_ids[:, 1:], answer_mask[:, 1:]
+    return ((predicted == target) | ~mask).all(dim=1)
+
+
+@torch.no_grad()
+def exact_match(model: torch.nn.Module, queries: list[tuple[str, list[int], list[int]]], pad: int) -> list[bool]:
+    """Exact-match recall of every query under the model's inference routing (hard: one leaf). A sequence-routed
+    tree picks its leaf from the prompt alone, as `generate()` does, so the answer cannot steer the route."""
+    model.eval()
+    tuner = getattr(model, "base_model", None)
+    sequence_routed = isinstance(tuner, TreeLoraModel) and any(
+        getattr(c, "routing", None) == "sequence" for c in model.peft_config.values()
+    )
+    width = max(len(p) + len(a) for _, p, a in queries)
+    input_ids = torch.full((len(queries), width), pad, dtype=torch.long)
+    attention = torch.zeros_like(input_ids, dtype=torch.bool)
+    answer_mask = torch.zeros_like(attention)
+    prompt_ids = torch.full((len(queries), max(len(p) for _, p, _ in queries)), pad, dtype=torch.long)
+    prompt_attention = torch.zeros_like(prompt_ids, dtype=torch.bool)
+    for row, (_, prompt, answer) in enumerate(queries):
+        input_ids[row, : len(prompt) + len(answer)] = torch.tensor(prompt + answer)
+        attention[row, : len(prompt) + len(answer)] = True
+        answer_mask[row, len(prompt) : len(prompt) + len(answer)] = True
+        prompt_ids[row, : len(prompt)] = torch.tensor(prompt)
+        prompt_attention[row, : len(prompt)] = True
+    correct = torch.zeros(len(queries), dtype=torch.bool)
+    batch = 512
+    for start in range(0, len(queries), batch):
+        rows = slice(start, start + batch)
+        if sequence_routed:
+            leaves = tuner.leaf_routes(prompt_ids[rows], prompt_attention[rows].long())["sequence"]
+            part = torch.zeros(leaves.shape[0], dtype=torch.bool)
+            for leaf in leaves.unique().tolist():
+                chosen = (leaves == leaf).nonzero().flatten() + start
+                with tuner.pinned_leaf(int(leaf)):
+                    logits = model(input_ids=input_ids[chosen], attention_mask=attention[chosen].long()).logits
+                part[chosen - start] = answers_correct(logits, input_ids[chosen], answer_mask[chosen])
+            correct[rows] = part
+        else:
+            logits = model(input_ids=input_ids[rows], attention_mask=attention[rows].long()).logits
+            correct[rows] = answers_correct(logits, input_ids[rows], answer_mask[rows])
+    return correct.tolist()
+
+
+def fano_bits(accuracy: float, value_count: int) -> float:
+    """A lower bound on the information (bits) one recalled fact carries about a value drawn uniformly from
+    `value_count` choices, given exact-match accuracy: log2 V - h(e) - e log2(V - 1), with e = 1 - accuracy (Fano's
+    inequality). Chance accuracy gives 0; perfect recall gives log2 V."""
+    if value_count < 2:
+        return 0.0
+    error = min(max(1.0 - accuracy, 0.0), 1.0)
+    entropy = 0.0 if error in (0.0, 1.0) else -(error * math.log2(error) + (1 - error) * math.log2(1 - error))
+    return max(0.0, math.log2(value_count) - entropy - error * math.log2(value_count - 1))
+
+
+def knowledge_bits(correct: list[bool], attributes: list[str], people: int) -> tuple[float, dict[str, float]]:
+    """Total bits (Fano lower bound, summed over attributes) and accuracy per attribute."""
+    accuracy = {}
+    total = 0.0
+    for attribute in ATTRIBUTES:
+        hits = [c for c, a in zip(correct, attributes) if a == attribute]
+        accuracy[attribute] = sum(hits) / len(hits) if hits else 0.0
+        total += people * fano_bits(accuracy[attribute], VALUE_COUNTS[attribute])
+    return total, accuracy
+
+
+@dataclass
+class FactsSettings:
+    """Defaults sized for about 15 minutes on 2 idle CPU cores.
+
+    The model is a word-level Llama (hidden 64, 4 layers, 4 heads, SwiGLU 176, tied embeddings, about 0.23 M
+    parameters), first trained in full on the biographies of `background` other people with all four paraphrases,
+    so it knows the templates and how to look a name up; the adapters then learn `people` new ones."""
+
+    people: list[int] = field(default_factory=lambda: [16, 64, 256])
+    background: int = 200
+    background_epochs: int = 40
+    epochs: int = 20
+    hidden: int = 64
+    layers: int = 4
+    heads: int = 4
+    intermediate: int = 176
+    batch_size: int = 32
+    base_lr: float = 5e-3
+    adapter_lr: float = 1e-2
+    rank: int = 1
+    depth: int = 3
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+
+    def validate(self) -> None:
+        if not self.people or min(self.people) < 1:
+            raise TreeLoraUsageError(f"--people needs one or more counts >= 1; got {self.people}.")
+        for name in ("background", "background_epochs", "epochs", "hidden", "layers", "heads", "batch_size"):
+            if getattr(self, name) < 1:
+                raise TreeLoraUsageError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}.")
+        if self.hidden % self.heads:
+            raise TreeLoraUsageError(f"--hidden ({self.hidden}) must be a multiple of --heads ({self.heads}).")
+        if self.rank < 1 or not 0 <= self.depth <= 10:
+            raise TreeLoraUsageError(f"--rank must be >= 1 and --depth in 0..10; got {self.rank}, {self.depth}.")
+        capacity = len(FIRST_NAMES) * len(LAST_NAMES)
+        if self.background + max(self.people) > capacity:
+            raise TreeLoraUsageError(
+                f"background + people must stay within the {capacity} distinct names; got "
+                f"{self.background} + {max(self.people)}."
+            )
+        if not self.seeds:
+            raise TreeLoraUsageError("--seeds needs at least one seed.")
+
+
+def run_facts(settings: FactsSettings, out_dir: Path = DOCS_DIR, show_progress: bool = True) -> dict:
+    """Run the whole study, write `facts.json` and the plot into `out_dir`, and return the result dict."""
+    settings.validate()
+    started = time.perf_counter()
+    tokenizer = WordTokenizer()
+    arms = adapter_arms(settings.rank, settings.depth, include_full=False)
+    runs: list[dict[str, Any]] = []
+    bases: list[dict[str, Any]] = []
+    for seed in settings.seeds:
+        background = generate_people(settings.background, seed)
+        study_people = generate_people(max(settings.people), seed, skip=settings.background)
+        base_train = document_blocks(tokenizer, background, settings.background_epochs, seed, include_held_out=True)
+        base_eval = held_out_blocks(tokenizer, study_people[: min(64, len(study_people))])
+        model_length = 2 * max(base_train.shape[1], 64)
+
+        fresh_model = functools.partial(_facts_model, settings, tokenizer.vocab_size, model_length, seed, None)
+
+        _say(f"seed {seed}: training the base on {settings.background} background people", show_progress)
+        base_steps = max(1, base_train.shape[0] // settings.batch_size)
+        base = run_training(
+            "base",
+            fresh_model,
+            base_train,
+            base_eval,
+            _train_settings(settings, base_steps, settings.base_lr, seed, show_progress),
+        )
+        base_state = {k: v.detach().clone() for k, v in base.model.state_dict().items()}
+        background_queries = recall_queries(tokenizer, background[:256])
+        background_recall = exact_match(base.model, background_queries, tokenizer.eos_token_id)
+        bases.append(
+            {
+                "seed": seed,
+                "params": sum(p.numel() for p in base.model.parameters()),
+                "steps": base.steps_done,
+                "train_seconds": base.train_seconds,
+                "background_recall": sum(background_recall) / len(background_recall),
+            }
+        )
+        _say(f"seed {seed}: base recalls {bases[-1]['background_recall']:.1%} of background facts", show_progress)
+        for people_count in settings.people:
+            people = study_people[:people_count]
+            queries = recall_queries(tokenizer, people)
+            attributes = [q[0] for q in queries]
+            before = exact_match(base.model, queries, tokenizer.eos_token_id)
+            train_blocks = document_blocks(tokenizer, people, settings.epochs, seed, include_held_out=False)
+            eval_blocks = held_out_blocks(tokenizer, people[:64])
+            steps = max(1, train_blocks.shape[0] // settings.batch_size)
+            for arm in arms:
+                _say(f"seed {seed}: N={people_count}, {arm.label}", show_progress)
+
+                result = run_training(
+                    arm.key,
+                    functools.partial(_facts_model, settings, tokenizer.vocab_size, model_length, seed, base_state),
+                    train_blocks,
+                    eval_blocks,
+                    _train_settings(settings, steps, settings.adapter_lr, seed, show_progress),
+                    adapter_config=arm.adapter_config(),
+                )
+                held = exact_match(result.model, queries, tokenizer.eos_token_id)
+                seen = exact_match(result.model, recall_queries(tokenizer, people, held_out=False), 0)
+                bits, accuracy = knowledge_bits(held, attributes, people_count)
+                runs.append(
+                    {
+                        "seed": seed,
+                        "people": people_count,
+                        "arm": arm.key,
+                        "recall": sum(held) / len(held),
+                        "recall_before": sum(before) / len(before),
+                        "recall_seen_paraphrase": sum(seen) / len(seen),
+                        "facts_recalled": sum(held),
+                        "accuracy_by_attribute": accuracy,
+                        "bits": bits,
+                        "trainable_params": result.trainable_params,
+                        "active_params_per_token": result.active_params_per_token,
+                        "bits_per_adapter_param": bits / result.trainable_params,
+                        "bits_per_active_param": bits / result.active_params_per_token,
+                        "final_held_out_loss": result.final_eval_loss,
+                        "train_seconds": result.train_seconds,
+                        "steps": result.steps_done,
+                    }
+                )
+                _say(
+                    f"  held-out recall {runs[-1]['recall']:.1%} "
+                    f"(seen paraphrase {runs[-1]['recall_seen_paraphrase']:.1%}), "
+                    f"{bits:.0f} bits, {runs[-1]['bits_per_adapter_param']:.3f} bits/param",
+                    show_progress,
+                )
+                result.model = None
+        base.model = None
+
+    data = {
+        "study": "facts",
+        "command": command_line(),
+        "versions": versions(),
+        "settings": asdict(settings),
+        "attributes": {a: VALUE_COUNTS[a] for a in ATTRIBUTES},
+        "bits_per_person": sum(math.log2(v) for v in VALUE_COUNTS.values()),
+        "vocab_size": tokenizer.vocab_size,
+        "bases": bases,
+        "arms": [{"key": a.key, "label": a.label, "kind": a.kind} for a in arms],
+        "runs": runs,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from .plots import plot_facts
+
+    plot_facts(data, out_dir / PLOT_FILE)
+    data["plot"] = PLOT_FILE
+    write_json(out_dir / RESULT_FILE, data)
+    return data
+
+
+def _facts_model(
+    settings: FactsSettings, vocab_size: int, length: int, seed: int, state: dict[str, torch.Tensor] | None
+) -> torch.nn.Module:
+    """The study's tiny Llama, fresh or (with `state`) a copy of the trained base."""
+    model = tiny_llama(
+        vocab_size, settings.hidden, settings.layers, settings.heads, settings.intermediate, length, seed=seed
+    )
+    if state is not None:
+        model.load_state_dict(copy.deepcopy(state))
+    return model
+
+
+def _train_settings(settings: FactsSettings, steps: int, lr: float, seed: int, show_progress: bool) -> TrainSettings:
+    return TrainSettings(
+        steps=steps,
+        batch_size=settings.batch_size,
+        learning_rate=lr,
+        eval_every=max(1, steps // 4),
+        eval_batch_size=64,
+        seed=seed,
+        warmup_steps=min(10, steps // 10),
+        show_progress=show_progress,
+        log_every=max(1, steps // 4),
+    )
+
+
+def _say(message: str, show: bool) -> None:
+    if show:
+        print(f"[facts] {message}", flush=True)

@@ -1,0 +1,281 @@
+"""docs/RESULTS.md, rewritten from the study JSON files after every study run. Numbers and the plain reading of them
+are generated; the hand-written notes between the `notes` markers are kept from the previous page."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+from .common import read_json
+from .facts import RESULT_FILE as FACTS_FILE
+from .saturation import RESULT_FILE as SATURATION_FILE
+
+PAGE = "RESULTS.md"
+NOTES_BEGIN, NOTES_END = "<!-- BEGIN notes -->", "<!-- END notes -->"
+
+
+def write_results_page(folder: Path) -> Path:
+    """Write `folder/RESULTS.md` from the studies found in `folder`; returns its path."""
+    path = folder / PAGE
+    notes = _kept_notes(path)
+    saturation = read_json(folder / SATURATION_FILE)
+    facts = read_json(folder / FACTS_FILE)
+    parts = [
+        "# Results: does a tree of LoRAs let a saturated model keep learning?",
+        "",
+        "This page is written by `tree-lora experiment saturation` and `tree-lora experiment facts` from their last "
+        "runs; every number below comes from those runs, and the JSON files beside this page "
+        f"(`{SATURATION_FILE}`, `{FACTS_FILE}`) hold all of them, curves included. The section *Notes* at the end is "
+        "written by hand and kept when the page is rewritten.",
+        "",
+    ]
+    parts += (
+        _saturation_section(saturation) if saturation else ["## Study 1: past saturation", "", "(not run yet)", ""]
+    )
+    parts += _facts_section(facts) if facts else ["## Study 2: knowledge capacity", "", "(not run yet)", ""]
+    parts += ["## Notes", "", NOTES_BEGIN, notes, NOTES_END, ""]
+    path.write_text("\n".join(parts))
+    return path
+
+
+def _kept_notes(path: Path) -> str:
+    if not path.exists():
+        return ""
+    match = re.search(re.escape(NOTES_BEGIN) + r"\n?(.*?)\n?" + re.escape(NOTES_END), path.read_text(), re.S)
+    return match.group(1) if match else ""
+
+
+def _spread(values: list[float], digits: int = 4) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{mean(values):.{digits}f} [{min(values):.{digits}f}, {max(values):.{digits}f}]"
+
+
+def _count(value: float) -> str:
+    return f"{value / 1e6:.2f} M" if value >= 1e6 else f"{value / 1e3:.1f} k" if value >= 1e4 else f"{value:,.0f}"
+
+
+def _reproduce(data: dict[str, Any]) -> list[str]:
+    versions = ", ".join(f"{k} {v}" for k, v in data["versions"].items() if k != "machine")
+    return [
+        "Reproduce (after `python3 tasks.py setup`, from the repository root):",
+        "",
+        "```bash",
+        data["command"],
+        "```",
+        "",
+        f"Versions: {versions}. Machine: {data['versions']['machine']}. "
+        f"Wall time of the whole study: {data['wall_seconds'] / 60:.1f} min (the machine was shared with other jobs, "
+        "so times are noisy; compare training times only within one table).",
+        "",
+    ]
+
+
+def _saturation_section(data: dict[str, Any]) -> list[str]:
+    s, pre = data["settings"], data["pretrain"]
+    seeds = s["seeds"]
+    lines = [
+        "## Study 1: past saturation",
+        "",
+        f"A Llama of {_count(data['base_params'])} parameters (hidden {s['hidden']}, {s['layers']} layers, "
+        f"{s['heads']} heads, SwiGLU {s['intermediate']}, byte-level vocabulary of 257, tied embeddings) is trained "
+        f"from scratch on the embedded corpus ({data['corpus']}), {s['batch_size']} blocks of {s['block_length']} "
+        f"bytes a step, at a constant learning rate of {s['pretrain_lr']} after {s['warmup_steps']} warm-up steps. "
+        f"Held-out loss (nats per byte, {data['held_out_tokens']:,} held-out bytes) is measured every "
+        f"{s['eval_every']} steps. **Saturation criterion:** stop when the best held-out loss of the last "
+        f"{s['patience']} evaluations is not at least {s['min_improvement']:.1%} below the best loss before them "
+        f"(at most {s['max_pretrain_steps']} steps).",
+        "",
+        f"Pretraining stopped after {pre['steps']} steps ({pre['tokens']:,} tokens): {pre['stop_reason']}. "
+        f"Held-out loss there: {pre['final_loss']:.4f} (best seen {pre['best_loss']:.4f}).",
+        "",
+        f"From that checkpoint every arm trains on the same {data['continue_tokens']:,} fresh tokens (blocks "
+        f"pretraining never drew), {s['continue_steps']} steps with the runner's linear decay to zero: full training "
+        f"at the pretraining rate {s['pretrain_lr']}, adapters at {s['adapter_lr']}, all adapters on every linear "
+        f"layer with lora_alpha = 2 x rank. Seeds: {', '.join(map(str, seeds))} (adapter initialisation and data "
+        "order); with several seeds a cell shows mean [min, max].",
+        "",
+        *_reproduce(data),
+        f"![held-out loss against tokens]({data.get('plot', 'saturation_loss.png')})",
+        "",
+        "| arm | final held-out loss | change after saturation | trainable params | adapter params active per "
+        "token | training time (s) | time / LoRA r |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    finals: dict[str, float] = {}
+    times = {key: mean(r["train_seconds"] for r in runs) for key, runs in data["runs"].items()}
+    reference_time = next((times[a["key"]] for a in data["arms"] if a["kind"] == "lora"), None)
+    for arm in data["arms"]:
+        runs = data["runs"].get(arm["key"], [])
+        if not runs:
+            continue
+        losses = [r["final_loss"] for r in runs]
+        finals[arm["key"]] = mean(losses)
+        change = [loss - pre["final_loss"] for loss in losses]
+        ratio = f"{times[arm['key']] / reference_time:.2f}" if reference_time else "-"
+        active = "all (full model)" if arm["kind"] == "full" else _count(runs[0]["active_params_per_token"])
+        lines.append(
+            f"| {arm['label']} | {_spread(losses)} | {_spread(change, 4)} | {_count(runs[0]['trainable_params'])} "
+            f"| {active} | {_spread([r['train_seconds'] for r in runs], 0)} | {ratio} |"
+        )
+    lines += ["", *_saturation_reading(data, finals), ""]
+    return lines
+
+
+def _saturation_reading(data: dict[str, Any], finals: dict[str, float]) -> list[str]:
+    if not finals:
+        return []
+    labels = {a["key"]: a["label"] for a in data["arms"]}
+    kinds = {a["key"]: a["kind"] for a in data["arms"]}
+    plateau = data["pretrain"]["final_loss"]
+    ranked = sorted(finals, key=finals.get)
+    loras = [k for k in ranked if kinds[k] == "lora"]
+    narrow = next((a["key"] for a in data["arms"] if a["kind"] == "lora"), None)
+    wide = next((a["key"] for a in reversed(data["arms"]) if a["kind"] == "lora"), None)
+    text = [
+        "**What the numbers say.** "
+        + "Ranking by final held-out loss: "
+        + ", ".join(f"{labels[k]} {finals[k]:.4f}" for k in ranked)
+        + f" (the saturated model: {plateau:.4f})."
+    ]
+    improved = [k for k in ranked if finals[k] < plateau]
+    text.append(
+        f"{len(improved)} of {len(finals)} arms end below the saturated model's loss"
+        + (
+            f"; the largest gain is {plateau - finals[ranked[0]]:.4f} nats per byte ({labels[ranked[0]]})."
+            if improved
+            else "."
+        )
+    )
+    for tree in ("tree_token", "tree_sequence"):
+        if tree not in finals or not loras:
+            continue
+        against = []
+        for lora in (narrow, wide):
+            if lora in finals:
+                gap = finals[tree] - finals[lora]
+                verdict = "better than" if gap < 0 else "worse than"
+                against.append(f"{abs(gap):.4f} {verdict} {labels[lora]}")
+        text.append(f"{labels[tree]}: " + "; ".join(against) + ".")
+    if "full" in finals:
+        trainable = data["runs"]["full"][0]["trainable_params"]
+        text.append(
+            f"Full training of the base ({_count(trainable)} trainable parameters) ends at {finals['full']:.4f}."
+        )
+    entropies = {
+        k: [r["leaf_usage_entropy"] for r in data["runs"][k] if r.get("leaf_usage_entropy") is not None]
+        for k in finals
+        if kinds[k] == "tree"
+    }
+    usage = [f"{labels[k]} {mean(v):.2f}" for k, v in entropies.items() if v]
+    if usage:
+        text.append(
+            "Leaf usage on held-out text (normalised entropy, 1 = every leaf equally used, 0 = one leaf takes all): "
+            + ", ".join(usage)
+            + "."
+        )
+    seeds = len(data["settings"]["seeds"])
+    if seeds == 1:
+        text.append(
+            "One seed only: differences of a few thousandths of a nat are within what a different seed or data "
+            "order could change."
+        )
+    return [" ".join(text)]
+
+
+def _facts_section(data: dict[str, Any]) -> list[str]:
+    s = data["settings"]
+    bases = data["bases"]
+    labels = {a["key"]: a["label"] for a in data["arms"]}
+    attributes = ", ".join(f"{name} ({count:,} values)" for name, count in data["attributes"].items())
+    lines = [
+        "## Study 2: knowledge capacity",
+        "",
+        f"Synthetic people (seeded generator) each have four facts: {attributes}, {data['bits_per_person']:.1f} bits "
+        "per person. Every fact has four paraphrased templates; training shows three of them, and which one is held "
+        "out rotates with the person, so each template is familiar from other people but never seen for this "
+        "fact. A person's training statements form one short biography per epoch, in a freshly shuffled order.",
+        "",
+        f"Model: a tiny word-level Llama (vocabulary {data['vocab_size']}, hidden {s['hidden']}, {s['layers']} "
+        f"layers, {s['heads']} heads, SwiGLU {s['intermediate']}, {_count(bases[0]['params'])} parameters), first "
+        f"trained in full on the biographies of {s['background']} other people (all four templates, "
+        f"{s['background_epochs']} epochs, learning rate {s['base_lr']}); it recalls "
+        f"{_spread([b['background_recall'] for b in bases], 3)} of those background facts. Adapters (every linear "
+        f"layer, lora_alpha = 2 x rank) then learn N new people for {s['epochs']} epochs at learning rate "
+        f"{s['adapter_lr']}, batch {s['batch_size']}. **Recall** is exact match of greedy decoding after the "
+        "held-out paraphrase's prompt (the full value and the closing full stop), with hard routing (one leaf); a "
+        "sequence-routed tree picks its leaf from the prompt alone, as in `generate()`. **Bits** are a lower "
+        "bound from Fano's inequality, per attribute N x (log2 V - h(e) - e log2(V - 1)) with e the error rate, "
+        "so chance-level recall counts 0. The anchor: about 2 bits per parameter for fully trained language models "
+        "(Allen-Zhu and Li, Physics of Language Models 3.3, 2024), measured on their own total parameters.",
+        "",
+        *_reproduce(data),
+        f"![facts recalled and bits per parameter against N]({data.get('plot', 'facts_capacity.png')})",
+        "",
+        "| N | arm | held-out recall | recall, a seen paraphrase | facts recalled | bits | bits / adapter param "
+        "| bits / active param | adapter params (active) | training time (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for people in s["people"]:
+        for arm in data["arms"]:
+            runs = [r for r in data["runs"] if r["people"] == people and r["arm"] == arm["key"]]
+            if not runs:
+                continue
+
+            def values(key: str, runs: list[dict[str, Any]] = runs) -> list[float]:
+                return [r[key] for r in runs]
+
+            lines.append(
+                f"| {people} | {labels[arm['key']]} | {_spread(values('recall'), 3)} "
+                f"| {_spread(values('recall_seen_paraphrase'), 3)} | {_spread(values('facts_recalled'), 0)} "
+                f"| {_spread(values('bits'), 0)} | {_spread(values('bits_per_adapter_param'), 3)} "
+                f"| {_spread(values('bits_per_active_param'), 3)} | {_count(runs[0]['trainable_params'])} "
+                f"({_count(runs[0]['active_params_per_token'])}) | {_spread(values('train_seconds'), 0)} |"
+            )
+    before = [r["recall_before"] for r in data["runs"]]
+    lines += [
+        "",
+        f"Before any adapter training the base recalls {max(before):.1%} at most of the study people's facts "
+        "(chance level).",
+        "",
+        *_facts_reading(data),
+        "",
+    ]
+    return lines
+
+
+def _facts_reading(data: dict[str, Any]) -> list[str]:
+    labels = {a["key"]: a["label"] for a in data["arms"]}
+    sizes = data["settings"]["people"]
+    text = ["**What the numbers say.**"]
+    best_bits: dict[str, float] = {}
+    for arm in data["arms"]:
+        per_size = {}
+        for people in sizes:
+            runs = [r for r in data["runs"] if r["people"] == people and r["arm"] == arm["key"]]
+            if runs:
+                per_size[people] = (
+                    mean(r["facts_recalled"] for r in runs),
+                    mean(r["bits_per_adapter_param"] for r in runs),
+                    mean(r["bits_per_active_param"] for r in runs),
+                    mean(r["recall"] for r in runs),
+                )
+        if not per_size:
+            continue
+        most = max(per_size, key=lambda n: per_size[n][0])
+        best_bits[arm["key"]] = max(v[1] for v in per_size.values())
+        text.append(
+            f"{labels[arm['key']]} recalls at most {per_size[most][0]:.0f} facts (N={most}, held-out recall "
+            f"{per_size[most][3]:.1%}), at best {best_bits[arm['key']]:.3f} bits per adapter parameter and "
+            f"{max(v[2] for v in per_size.values()):.3f} bits per active parameter."
+        )
+    if best_bits:
+        top = max(best_bits.values())
+        text.append(
+            f"The best adapter stores {top:.3f} bits per trained parameter, "
+            + ("above" if top > 2 else f"{2 / top:.0f} times below" if top > 0 else "far below")
+            + " the ~2 bits per parameter anchor."
+        )
+    return [" ".join(text)]
