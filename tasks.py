@@ -60,8 +60,11 @@ def main(argv: list[str]) -> int:
     if command == "test":
         return subprocess.run([str(PYTHON), "-m", "pytest", "-q", *extra], cwd=ROOT).returncode
     # the main job: LoRA r vs TreeLoRA vs LoRA r*2**d on the embedded SmolLM2 and corpus, ending with the table
+    # OMP_WAIT_POLICY=PASSIVE: torch's OpenMP threads sleep instead of spinning when the cores are shared, which
+    # kept a busy 2-core machine from slowing a training step several times over
     main_job = ["-m", "peft_tree_lora", "compare", "--output-dir", "runs/demo", "--overwrite", *extra]
-    return subprocess.run([str(PYTHON), *main_job], cwd=ROOT).returncode
+    environment = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
+    return subprocess.run([str(PYTHON), *main_job], cwd=ROOT, env=environment).returncode
 
 
 if __name__ == "__main__":
