@@ -139,10 +139,8 @@ def train_one(routing: str, options: argparse.Namespace) -> None:
         # graph lets DDP expect that. The other settings do not need it.
         ddp_static_graph=routing == "sequence" and options.gradient_checkpointing == "reentrant",
         ddp_timeout=options.ddp_timeout,
-        gradient_checkpointing=checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": options.gradient_checkpointing == "reentrant"}
-        if checkpointing
-        else None,
+        activation_checkpointing=checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": options.gradient_checkpointing == "reentrant"},
         save_strategy="no",
         report_to=[],
         disable_tqdm=True,

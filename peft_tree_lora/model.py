@@ -16,12 +16,15 @@ from peft.tuners.tuners_utils import (
     _get_tuner_state_dict_key_prefixes,
 )
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.error import NoMatchingPeftModuleError
 from peft.utils.other import _get_submodules
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .checkpoint import verify_adapter_weights
 from .config import TreeLoraConfig
 from .context import RoutingContext
+from .errors import TreeLoraUsageError
 from .layer import TreeLoraLayer, TreeLoraLinear, TreeLoraSequenceRouter
 
 _ADAPTER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -78,6 +81,9 @@ class TreeLoraModel(BaseTuner):
             )
             if config.routing == "sequence" and config.depth > 0:
                 self._attach_sequence_router(model, adapter_name, config)
+        except NoMatchingPeftModuleError as error:
+            _take_out(model, adapter_name)
+            raise NoTargetModulesError(f"{error} {_adaptable_modules_hint(model)}") from None
         except Exception:
             _take_out(model, adapter_name)  # PEFT replaces modules one by one: undo the ones already replaced
             raise
@@ -330,6 +336,20 @@ class TreeLoraModel(BaseTuner):
                 f"loaded):\n  - {listing}{more}"
             )
         return remapped
+
+
+class NoTargetModulesError(TreeLoraUsageError, NoMatchingPeftModuleError):
+    """The config's target_modules matched nothing; still a PEFT `NoMatchingPeftModuleError` for code catching that."""
+
+
+def _adaptable_modules_hint(model: nn.Module) -> str:
+    """Name the modules a TreeLoRA can adapt (PEFT's own message says only that nothing matched)."""
+    names = sorted(
+        {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D))}
+    )
+    if not names:
+        return f"{type(model).__name__} has no torch.nn.Linear or Conv1D layer for TreeLoRA to adapt."
+    return f"Layers TreeLoRA can adapt in {type(model).__name__}: {names}, or target_modules='all-linear'."
 
 
 def _find_routing_context(model: nn.Module) -> RoutingContext | None:

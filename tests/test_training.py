@@ -14,6 +14,7 @@ import torch
 from conftest import VOCAB, make_tiny_llama
 from datasets import Dataset
 from peft import get_peft_model
+from peft.utils.error import NoMatchingPeftModuleError
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from peft_tree_lora import RoutingTelemetryCallback, TreeLoraConfig, routing_telemetry
@@ -462,8 +463,12 @@ def test_adapter_dtype_on_a_bf16_model_follows_autocast_adapter_dtype(
 # --- bad input -------------------------------------------------------------------------------------------------------
 
 
-def test_target_modules_matching_nothing_fail_naming_them():
+def test_target_modules_matching_nothing_fail_naming_them_and_the_layers_that_could_be_adapted():
     base = make_tiny_llama()
-    with pytest.raises(ValueError, match="not_a_module"):
+    with pytest.raises(TreeLoraUsageError) as raised:
         get_peft_model(base, tree_config(target_modules=["not_a_module"]))
+    message = str(raised.value)
+    assert "not_a_module" in message
+    assert "['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj', 'up_proj', 'v_proj']" in message
+    assert isinstance(raised.value, NoMatchingPeftModuleError)  # code written for PEFT's error still catches it
     assert not any("treelora" in name for name, _ in base.named_modules())
