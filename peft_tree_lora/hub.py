@@ -58,7 +58,7 @@ class AdapterSummary:
     lora_alpha: float
     routing: str
     inference_routing: str
-    configured_targets: str
+    configured_targets: str | None
     target_names: list[str]  # distinct last name components of the adapted layers, e.g. ["q_proj", "v_proj"]
     num_layers: int
     total_parameters: int  # every leaf and router
@@ -98,7 +98,7 @@ def summarize_adapter(directory: str | os.PathLike) -> AdapterSummary:
                 active += depth * (in_features + 1)
             layers.append(module.removeprefix(PEFT_PREFIX))
     targets = config.get("target_modules")
-    configured = targets if isinstance(targets, str) else ", ".join(sorted(targets)) if targets else "LoRA's defaults"
+    configured = targets if isinstance(targets, str) else None  # a regex or "all-linear"; a list says no more
     return AdapterSummary(
         depth=depth,
         num_leaves=2**depth,
@@ -167,8 +167,8 @@ def card_section(summary: AdapterSummary, load_from: str, key: str = "", load_kw
         ("inference routing", summary.inference_routing),
         (
             "targeted modules",
-            f"{', '.join(f'`{n}`' for n in summary.target_names)} ({summary.num_layers} layers; configured as "
-            f"`{summary.configured_targets}`)",
+            f"{', '.join(f'`{n}`' for n in summary.target_names)} ({summary.num_layers} layers"
+            + (f"; configured as `{summary.configured_targets}`)" if summary.configured_targets else ")"),
         ),
         ("trainable parameters", f"{summary.total_parameters:,} (every leaf and router)"),
         ("active per token", f"{summary.active_per_token:,} (one leaf per adapted layer{router_note})"),
@@ -319,13 +319,23 @@ def push_to_hub(
         folder = Path(work_dir, path_in_repo) if path_in_repo else Path(work_dir)
         model.save_pretrained(str(folder))
         load_kwargs = {name: value for name, value in (("subfolder", path_in_repo), ("revision", revision)) if value}
-        update_model_card(
-            folder / CARD_NAME, folder, load_from=repo_id, load_kwargs=load_kwargs, extra_tags=existing_tags
-        )
-        for name in model.peft_config:
-            if name != "default" and (folder / name / WEIGHTS_NAME).is_file():
-                kwargs = {**load_kwargs, "subfolder": f"{path_in_repo}/{name}" if path_in_repo else name}
-                update_model_card(folder / CARD_NAME, folder / name, load_from=repo_id, load_kwargs=kwargs, key=name)
+        for name in model.peft_config:  # PEFT saves "default" in the folder itself, other adapters in sub-folders
+            adapter_dir, key = (folder, "") if name == "default" else (folder / name, name)
+            if not (adapter_dir / WEIGHTS_NAME).is_file():
+                continue
+            kwargs = (
+                {**load_kwargs, "subfolder": f"{path_in_repo}/{name}" if path_in_repo else name}
+                if key
+                else load_kwargs
+            )
+            update_model_card(
+                folder / CARD_NAME,
+                adapter_dir,
+                load_from=repo_id,
+                load_kwargs=kwargs,
+                key=key,
+                extra_tags=existing_tags,
+            )
         return api.upload_folder(
             repo_id=repo_id,
             folder_path=str(folder),
