@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -257,7 +258,13 @@ class RoutingTelemetryCallback(TrainerCallback):
         check_distributed_checkpointing(args, model)
         tuner = next((m for m in model.modules() if isinstance(m, TreeLoraModel)), None)
         if tuner is None:
-            find_routing_context(model)  # raises the usage error
+            find_routing_context(model)  # raises the usage error when there is no TreeLoRA at all
+            warnings.warn(
+                "RoutingTelemetryCallback needs the model wrapped by PEFT (get_peft_model or "
+                "PeftModel.from_pretrained); this model holds TreeLoRA layers without a PeftModel around them, so no "
+                "telemetry is logged.",
+                stacklevel=2,
+            )
             return
         self._remove_hook()
         self.telemetry.reset()
