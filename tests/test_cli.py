@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -214,3 +215,22 @@ def test_python_dash_m_reports_bad_input_without_a_traceback(tmp_path):
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("tree-lora: error: argument --depth")
     assert not (tmp_path / "out").exists()
+
+
+def test_train_push_to_hub_uploads_the_adapter_with_its_card(assets, tmp_path):
+    from hub_server import HubServer
+
+    with HubServer() as hub:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), HF_TOKEN="hf_dummy", HF_HUB_DISABLE_XET="1")
+        env.update(OMP_NUM_THREADS="1")
+        argv = ["train", "--model", str(assets["model"]), "--data", str(assets["text"]), *FAST, *TREE]
+        argv += ["-o", str(tmp_path / "out"), "--push-to-hub", "tester/cli-tree"]
+        done = subprocess.run(
+            [sys.executable, "-m", "peft_tree_lora", *argv], capture_output=True, text=True, timeout=300, env=env
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "pushed to tester/cli-tree" in done.stdout
+        files = hub.files("tester/cli-tree")
+    assert files["adapter_model.safetensors"] == (tmp_path / "out" / "adapter_model.safetensors").read_bytes()
+    assert "TREELORA" in files["adapter_config.json"].decode() and "README.md" in files
