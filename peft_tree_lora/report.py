@@ -90,12 +90,12 @@ def plot_leaf_usage(result: RunResult, path: Path) -> Path:
     plt = _pyplot()
     labels, fractions = layer_usage(result.leaf_usage or {})
     leaves = len(fractions[0]) if fractions else 1
-    figure, axes = plt.subplots(figsize=(max(4.0, 1.0 + 0.6 * leaves), max(2.5, 0.9 + 0.3 * len(labels))))
+    figure, axes = plt.subplots(figsize=(max(5.0, 1.5 + 0.6 * leaves), max(2.8, 1.2 + 0.3 * len(labels))))
     image = axes.imshow(fractions or [[0.0]], aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
     axes.set_xticks(range(leaves), [str(leaf) for leaf in range(leaves)])
     axes.set_yticks(range(len(labels)), labels)
     axes.set_xlabel("leaf")
-    axes.set_title(f"{result.name}: share of held-out tokens per leaf")
+    axes.set_title(f"{result.name}\nshare of held-out tokens per leaf (hard routing)", fontsize=10)
     for row, values in enumerate(fractions):
         for leaf, value in enumerate(values):
             axes.text(
