@@ -156,6 +156,21 @@ def _hub_corpus(repo_id: str) -> TextCorpus:
         import datasets
     except ImportError:
         raise TreeLoraUsageError("reading a Hub dataset needs the 'datasets' package: pip install datasets") from None
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:  # one quick question first: the datasets client retries an unreachable Hub for half a minute
+        HfApi().dataset_info(repo_id, timeout=10)
+    except RepositoryNotFoundError:
+        raise TreeLoraUsageError(
+            f"unknown dataset {repo_id!r}: no local file of that name and no such dataset on the Hub; give "
+            "'embedded', a .txt/.jsonl file, or an existing Hub dataset id."
+        ) from None
+    except Exception as error:  # network errors come in many types; all mean the Hub cannot be asked
+        raise TreeLoraUsageError(
+            f"dataset {repo_id!r} is not a local file and the Hub cannot be reached ({type(error).__name__}); "
+            "give 'embedded' or a local .txt/.jsonl file."
+        ) from None
     try:
         loaded = datasets.load_dataset(repo_id)
     except Exception as error:  # the Hub client raises many types; all mean "cannot get this dataset"

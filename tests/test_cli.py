@@ -131,6 +131,10 @@ def _bad_inputs(assets: dict[str, Path], tmp_path: Path) -> dict[str, tuple[list
             ["train", "--model", model, "--data", str(tmp_path / "empty.txt"), "-o", out],
             "no text",
         ),
+        "unknown hub dataset": (
+            ["train", "--model", model, "--data", "no-such-user-xyz/no-data", "-o", out],
+            "dataset",
+        ),
         "missing data file": (["train", "--model", model, "--data", str(tmp_path / "none.txt"), "-o", out], "no data"),
         "depth out of range": (["train", *base, "--depth", "11", "-o", out], "--depth"),
         "zero steps": (["train", *base, "--steps", "0", "-o", out], "--steps"),
@@ -152,6 +156,7 @@ def _bad_inputs(assets: dict[str, Path], tmp_path: Path) -> dict[str, tuple[list
         "unknown hub model",
         "data without text",
         "missing data file",
+        "unknown hub dataset",
         "depth out of range",
         "zero steps",
         "learning rate out of range",
