@@ -105,3 +105,46 @@ def test_a_hung_rank_makes_the_other_exit_with_an_error_within_ddp_timeout(tmp_p
     assert "crash drill: hang after step 1" in hung_output
     assert ranks[0].returncode != 0
     assert "Timed out waiting 5000ms" in output, output[-3000:]
+
+
+TELEMETRY_WORKER = """
+import json, os, sys
+import torch, torch.distributed as dist
+from peft_tree_lora.context import RouteRecord, RoutingContext
+from peft_tree_lora.trainer import RoutingTelemetry
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+context = RoutingContext()
+context.aux_weights["default"] = (0.5, 0.1)
+context.num_routed_trees["default"] = 1
+record = RouteRecord("layer", "default", torch.tensor([4, 0, 0, 0] if rank == 0 else [0, 0, 0, 4]))
+record.hardening, record.load_balance = torch.tensor(0.8), torch.tensor(0.2)
+record.confidence = torch.tensor(0.1 if rank == 0 else 0.3)
+context.records = {(0, "default"): record}
+telemetry = RoutingTelemetry()
+telemetry.add(context, loss=torch.tensor(2.0 if rank == 0 else 3.0), loss_includes_aux=False)
+figures = telemetry.summary(across_processes=True)
+with open(os.path.join(sys.argv[1], f"rank{rank}.txt"), "w") as out:
+    json.dump(figures, out)
+dist.destroy_process_group()
+os._exit(0)
+"""
+
+
+def test_telemetry_is_summed_over_processes(tmp_path):
+    # Each rank alone sent everything to one leaf (3 of 4 dead); together they used two leaves.
+    worker = tmp_path / "worker.py"
+    worker.write_text(TELEMETRY_WORKER)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+        str(tmp_path),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=process_env(), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    figures = [json.loads((tmp_path / f"rank{rank}.txt").read_text()) for rank in (0, 1)]
+    assert figures[0] == figures[1]
+    assert figures[0]["dead_leaf_share"] == pytest.approx(0.5)
+    assert figures[0]["leaf_usage_entropy"] == pytest.approx(0.5)  # two of four leaves, evenly: log 2 / log 4
+    assert figures[0]["router_confidence"] == pytest.approx(0.2)
+    assert figures[0]["task_loss"] == pytest.approx(2.5)
