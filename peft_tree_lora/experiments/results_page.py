@@ -235,10 +235,11 @@ def _facts_section(data: dict[str, Any]) -> list[str]:
                 f"({_count(runs[0]['active_params_per_token'])}) | {_spread(values('train_seconds'), 0)} |"
             )
     before = [r["recall_before"] for r in data["runs"]]
+    chance = mean(1 / count for count in data["attributes"].values())
     lines += [
         "",
-        f"Before any adapter training the base recalls {max(before):.1%} at most of the study people's facts "
-        "(chance level).",
+        f"Before any adapter training the base recalls at most {max(before):.1%} of the study people's facts "
+        f"(uniform guessing would score {chance:.1%}).",
         "",
         *_facts_reading(data),
         "",
