@@ -8,7 +8,7 @@ every training forward pass between two logging steps and puts the totals into t
 
 Logged keys (all floats):
 
-- `task_loss`: the model's loss without the router losses (mean over forward passes).
+- `task_loss`: the model's loss without the router losses (mean over the window's label tokens).
 - `aux_loss`: the weighted router losses that were added to the loss; `aux_hardening` (mean router entropy, bits)
   and `aux_load_balance` (KL of mean soft leaf usage from uniform), both averaged over trees, unweighted.
 - `leaf_usage_entropy`: entropy of the hard leaf choices counted over the window, divided by `log(2**depth)`, averaged
@@ -204,7 +204,7 @@ def check_distributed_checkpointing(args: Any, model: nn.Module) -> None:
     if fixes:
         raise TreeLoraUsageError(
             "DDP with reentrant gradient checkpointing needs " + " and ".join(fixes) + " in TrainingArguments; "
-            "or use non-reentrant checkpointing (gradient_checkpointing_kwargs={'use_reentrant': False})."
+            "or use non-reentrant checkpointing (activation_checkpointing_kwargs={'use_reentrant': False})."
         )
 
 
