@@ -14,7 +14,15 @@ from transformers.pytorch_utils import Conv1D
 from .config import TreeLoraConfig
 from .context import RouteRecord, RoutingContext, masked_mean
 from .leaves import apply_leaf_per_row, apply_leaf_per_sequence, apply_one_leaf, mix_leaves
-from .routing import attach_auxiliary_loss, descend, descend_logits, hardening_loss, load_balance_loss, path_probs
+from .routing import (
+    attach_auxiliary_loss,
+    descend,
+    descend_logits,
+    hardening_loss,
+    load_balance_loss,
+    path_probs,
+    router_logits,
+)
 
 
 class TreeLoraLayer(BaseTunerLayer):
@@ -163,7 +171,7 @@ class TreeLoraLinear(nn.Module, TreeLoraLayer):
         flat_input = leaf_input.reshape(-1, self.in_features)
         router = self.treelora_router[adapter]
         if soft:
-            logits = router(flat_x)
+            logits = router_logits(flat_x, router.weight, router.bias)
             weights = path_probs(torch.sigmoid(logits), depth)
             delta = mix_leaves(flat_input, lora_A, lora_B, weights, scaling)
             aux = None

@@ -1,0 +1,204 @@
+"""The fast kernels of TreeLoRA give the same outputs and gradients as straightforward reference code.
+
+The references below are written for clarity, not speed: an explicit sum over leaves, a Python loop over rows, a
+level-by-level descent over every router's logit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB, make_tiny_llama
+from peft import get_peft_model
+
+from peft_tree_lora import TreeLoraConfig, leaves, routing
+from peft_tree_lora.bench import configure_parser, run
+
+IN, OUT, RANK = 24, 40, 4
+SCALING = 1.5
+
+
+def reference_mix(x, lora_A, lora_B, weights, scaling):
+    return scaling * sum(weights[..., k : k + 1] * (x @ lora_A[k].T @ lora_B[k].T) for k in range(lora_A.shape[0]))
+
+
+def reference_per_row(x, lora_A, lora_B, leaf, scaling):
+    rows = [scaling * lora_B[k] @ (lora_A[k] @ x[i]) for i, k in enumerate(leaf.tolist())]
+    return torch.stack(rows) if rows else x.new_zeros(0, lora_B.shape[1])
+
+
+def reference_descent(logits, depth):
+    """Walk the tree one level at a time: right (2n+2) where the node's logit is >= 0, else left (2n+1)."""
+    leaves_out = []
+    for row in logits.flatten(0, -2).tolist():
+        node = 0
+        for _ in range(depth):
+            node = 2 * node + (2 if row[node] >= 0 else 1)
+        leaves_out.append(node - (2**depth - 1))
+    return torch.tensor(leaves_out, dtype=torch.long).view(logits.shape[:-1])
+
+
+def leaf_tensors(depth, seed=0, requires_grad=False):
+    generator = torch.Generator().manual_seed(seed)
+    num_leaves = 2**depth
+    lora_A = torch.randn(num_leaves, RANK, IN, generator=generator).requires_grad_(requires_grad)
+    lora_B = torch.randn(num_leaves, OUT, RANK, generator=generator).requires_grad_(requires_grad)
+    return lora_A, lora_B
+
+
+def some_leaves(rows, depth, seed=0):
+    """Leaf choices that leave some leaves unused (every other leaf when there are several)."""
+    generator = torch.Generator().manual_seed(seed)
+    num_leaves = 2**depth
+    step = 2 if num_leaves > 2 else 1
+    return torch.randint(0, num_leaves // step, (rows,), generator=generator) * step
+
+
+HARD_KERNELS = {
+    "dispatcher": leaves.apply_leaf_per_row,
+    "gathered": leaves.gathered,
+    "grouped_by_loop": leaves.grouped_by_loop,
+    "grouped_by_grouped_mm": leaves.grouped_by_grouped_mm,
+}
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3, 5])
+def test_soft_mix_equals_weighted_sum_of_every_leaf_in_output_and_gradients(depth):
+    lora_A, lora_B = leaf_tensors(depth, requires_grad=True)
+    x = torch.randn(2, 7, IN, requires_grad=True)
+    weights = torch.softmax(torch.randn(2, 7, 2**depth), dim=-1).requires_grad_(True)
+    fast = leaves.mix_leaves(x, lora_A, lora_B, weights, SCALING)
+    slow = reference_mix(x, lora_A, lora_B, weights, SCALING)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+    upstream = torch.randn_like(slow)
+    fast_grads = torch.autograd.grad(fast, (x, lora_A, lora_B, weights), upstream)
+    slow_grads = torch.autograd.grad(slow, (x, lora_A, lora_B, weights), upstream)
+    for fast_grad, slow_grad in zip(fast_grads, slow_grads):
+        torch.testing.assert_close(fast_grad, slow_grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", list(HARD_KERNELS))
+@pytest.mark.parametrize("depth", [1, 2, 4, 6])
+@pytest.mark.parametrize("rows", [1, 5, 64, 300])
+def test_hard_kernel_applies_only_each_rows_leaf(kernel, depth, rows):
+    if kernel == "grouped_by_grouped_mm" and not hasattr(torch.nn.functional, "grouped_mm"):
+        pytest.skip("this torch has no grouped_mm")
+    lora_A, lora_B = leaf_tensors(depth)
+    x = torch.randn(rows, IN)
+    leaf = some_leaves(rows, depth)
+    with torch.inference_mode():
+        fast = HARD_KERNELS[kernel](x, lora_A, lora_B, leaf, SCALING)
+    torch.testing.assert_close(fast, reference_per_row(x, lora_A, lora_B, leaf, SCALING), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("depth", [1, 4])
+@pytest.mark.parametrize("rows", [3, 200])
+def test_hard_routing_gradients_match_reference(depth, rows):
+    lora_A, lora_B = leaf_tensors(depth, requires_grad=True)
+    x = torch.randn(rows, IN, requires_grad=True)
+    leaf = some_leaves(rows, depth)
+    fast = leaves.apply_leaf_per_row(x, lora_A, lora_B, leaf, SCALING)
+    slow = reference_per_row(x, lora_A, lora_B, leaf, SCALING)
+    upstream = torch.randn_like(slow)
+    for fast_grad, slow_grad in zip(
+        torch.autograd.grad(fast, (x, lora_A, lora_B), upstream),
+        torch.autograd.grad(slow, (x, lora_A, lora_B), upstream),
+    ):
+        torch.testing.assert_close(fast_grad, slow_grad, rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_mm_is_not_used_where_it_cannot_run():
+    lora_A, lora_B = leaf_tensors(2)
+    x = torch.randn(10, IN)
+    assert leaves.grouped_mm_usable(x, lora_A, lora_B) == leaves.USE_GROUPED_MM
+    assert not leaves.grouped_mm_usable(x, lora_A.requires_grad_(True), lora_B)  # needs autograd: no CPU backward
+    assert not leaves.grouped_mm_usable(x.double(), lora_A.detach().double(), lora_B.double())
+    assert not leaves.grouped_mm_usable(torch.randn(10, 6), torch.randn(4, 3, 6))  # strides not 16-byte aligned
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3, 5])
+def test_per_sequence_kernel_applies_each_sequences_leaf(depth):
+    lora_A, lora_B = leaf_tensors(depth)
+    x = torch.randn(4, 6, IN)
+    leaf = some_leaves(4, depth)
+    fast = leaves.apply_leaf_per_sequence(x, lora_A, lora_B, leaf, SCALING)
+    for b, k in enumerate(leaf.tolist()):
+        torch.testing.assert_close(fast[b], SCALING * x[b] @ lora_A[k].T @ lora_B[k].T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4, 8])
+def test_descend_logits_goes_right_exactly_where_the_logit_is_non_negative(depth):
+    generator = torch.Generator().manual_seed(depth)
+    logits = torch.randint(-2, 3, (50, 2**depth - 1), generator=generator).float()  # many exact zeros
+    assert torch.equal(routing.descend_logits(logits, depth), reference_descent(logits, depth))
+    assert torch.equal(routing.descend_logits(torch.zeros(3, 2**depth - 1), depth), torch.full((3,), 2**depth - 1))
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("rows", [4, 300])
+def test_descent_through_routers_matches_full_logit_descent(depth, rows):
+    """Integer-valued inputs and routers make every logit exact, so split and full evaluation must agree exactly,
+    ties at zero included."""
+    generator = torch.Generator().manual_seed(rows + depth)
+    x = torch.randint(-2, 3, (rows, IN), generator=generator).float()
+    weight = torch.randint(-2, 3, (2**depth - 1, IN), generator=generator).float()
+    bias = torch.randint(-2, 3, (2**depth - 1,), generator=generator).float()
+    expected = reference_descent(x @ weight.T + bias, depth)
+    assert torch.equal(routing.descend(x, weight, bias, depth), expected)
+
+
+def test_router_logits_equal_a_plain_linear_layer():
+    x, weight, bias = torch.randn(9, IN), torch.randn(15, IN), torch.randn(15)
+    torch.testing.assert_close(routing.router_logits(x, weight, bias), x @ weight.T + bias, rtol=1e-5, atol=1e-5)
+
+
+def simple_kernels(monkeypatch):
+    """Route every hard call through the plainest kernels: no gather, no grouped_mm, no split descent."""
+    monkeypatch.setattr(leaves, "USE_GROUPED_MM", False)
+    monkeypatch.setattr(leaves, "GATHER_MAX_ROWS", 0)
+    monkeypatch.setattr(routing, "SPLIT_DESCENT_MIN_ROW_ROUTERS", float("inf"))
+
+
+@pytest.mark.parametrize("routing_mode", ["token", "sequence"])
+@pytest.mark.parametrize("depth", [1, 2, 6])
+@pytest.mark.parametrize("batch", [(1, 3), (4, 40)])
+def test_model_outputs_are_the_same_with_fast_and_simple_kernels(monkeypatch, routing_mode, depth, batch):
+    config = TreeLoraConfig(
+        depth=depth, r=4, routing=routing_mode, target_modules="all-linear", init_lora_weights=False
+    )
+    model = get_peft_model(make_tiny_llama(), config).eval()
+    input_ids = torch.randint(3, VOCAB, batch, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        fast = model(input_ids=input_ids).logits
+        routes = model.base_model.leaf_routes(input_ids)
+    simple_kernels(monkeypatch)
+    with torch.inference_mode():
+        simple = model(input_ids=input_ids).logits
+        simple_routes = model.base_model.leaf_routes(input_ids)
+    torch.testing.assert_close(fast, simple, rtol=1e-4, atol=1e-4)
+    assert routes.keys() == simple_routes.keys()
+    for name in routes:
+        assert torch.equal(routes[name], simple_routes[name]), name
+
+
+def test_benchmark_smoke_run_writes_report_and_plot(tmp_path):
+    import argparse
+
+    args = configure_parser(argparse.ArgumentParser()).parse_args(
+        [
+            "--tiny",
+            "--sections",
+            "forward",
+            "--rounds",
+            "1",
+            "--depths",
+            "0,1",
+            "--no-xlora",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
+    assert run(args) == 0
+    report = (tmp_path / "results.md").read_text()
+    assert "| eval forward | LoRA r=8 |" in report and "TreeLoRA d=1 sequence" in report
+    assert (tmp_path / "bench_depth.png").read_bytes()[:4] == b"\x89PNG"
