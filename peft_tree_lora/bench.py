@@ -395,43 +395,57 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         "Benchmark TreeLoRA against PEFT LoRA r=8 (and X-LoRA) in one process, interleaved, on a model with "
         "SmolLM2-135M's shapes; every figure is a ratio to LoRA r=8 measured in the same run."
     )
-    parser.add_argument("--quick", action="store_true", help="Fewer rounds and depths: a short run (~2-4 min).")
     parser.add_argument(
-        "--rounds", type=int, default=None, help="Interleaved rounds per section (default 5; 2 quick)."
+        "--quick", action="store_true", help="Short run: 2 rounds, depths 1,4,8, 16 new tokens, no X-LoRA, no memory."
     )
+    parser.add_argument("--rounds", type=int, default=None, help="Interleaved rounds per section (default 3).")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the number of CPUs).")
     parser.add_argument("--batch", type=int, default=8, help="Sequences per forward pass (default 8).")
     parser.add_argument("--seq-len", type=int, default=128, help="Tokens per sequence (default 128).")
     parser.add_argument("--depths", default=None, help="Comma-separated tree depths (default 0,1,2,4,6,8).")
+    parser.add_argument("--new-tokens", type=int, default=None, help="Tokens generated per sequence (default 64).")
     parser.add_argument(
         "--targets", default="all-linear", help="Target modules for every adapter (default all-linear)."
     )
-    parser.add_argument("--sections", default="forward,train,generate,memory", help="Which sections to run.")
+    parser.add_argument(
+        "--sections",
+        default="forward,train,generate,memory",
+        help="Comma-separated subset of forward,train,generate,memory (default: all).",
+    )
     parser.add_argument("--no-xlora", action="store_true", help="Skip PEFT X-LoRA.")
     parser.add_argument("--tiny", action="store_true", help="A tiny model instead of SmolLM2's shapes (smoke test).")
-    parser.add_argument("--out-dir", default="benchmarks", help="Where results.md and the PNG go.")
+    parser.add_argument("--out-dir", default="benchmarks", help="Where results.md and bench_depth.png go.")
     parser.add_argument("--seed", type=int, default=0)
     return parser
+
+
+SECTIONS = ("forward", "train", "generate", "memory")
 
 
 def run(args: argparse.Namespace) -> int:
     from .errors import TreeLoraUsageError
 
     threads = args.threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    rounds = args.rounds or (2 if args.quick else 5)
-    depths_text = args.depths or ("0,1,4,8" if args.quick else "0,1,2,4,6,8")
+    rounds = args.rounds or (2 if args.quick else 3)
+    depths_text = args.depths or ("1,4,8" if args.quick else "0,1,2,4,6,8")
     try:
         depths = sorted({int(d) for d in depths_text.split(",")})
     except ValueError:
         raise TreeLoraUsageError(f"--depths must be comma-separated integers; got {depths_text!r}.") from None
+    if any(not 0 <= d <= 10 for d in depths):
+        raise TreeLoraUsageError(f"--depths must lie in 0..10; got {depths_text!r}.")
     sections = {s.strip() for s in args.sections.split(",")}
-    unknown = sections - {"forward", "train", "generate", "memory"}
-    if unknown:
-        raise TreeLoraUsageError(f"unknown --sections {sorted(unknown)}; allowed: forward, train, generate, memory.")
-    if 4 not in depths and sections & {"train", "generate", "memory"}:
-        depths = sorted(set(depths) | {4})
+    if sections - set(SECTIONS):
+        raise TreeLoraUsageError(
+            f"unknown --sections {sorted(sections - set(SECTIONS))}; allowed: {', '.join(SECTIONS)}."
+        )
+    if min(rounds, args.batch, args.seq_len) < 1 or threads < 1:
+        raise TreeLoraUsageError("--rounds, --batch, --seq-len and --threads must be at least 1.")
+    if args.quick:
+        sections.discard("memory")
+    torch.set_num_threads(threads)
     shapes = TINY_SHAPES if args.tiny else SMOLLM2_SHAPES
+    new_tokens = args.new_tokens or (4 if args.tiny else 16 if args.quick else 64)
     targets = args.targets
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -450,25 +464,22 @@ def run(args: argparse.Namespace) -> int:
     notes: list[str] = []
 
     if "forward" in sections:
-        log("building variants for the evaluation forward")
+        log("evaluation forward: building variants")
         models = {"base model": base, REFERENCE: lora_variant(base, 8, targets)}
-        xlora_dir = tempfile.TemporaryDirectory()
-        if not args.no_xlora:
-            try:
-                models["X-LoRA 16 experts r=8"] = xlora_variant(base, 16, targets, Path(xlora_dir.name))
-            except Exception as error:  # report why, keep benchmarking the rest
-                notes.append(f"PEFT X-LoRA could not be set up: {type(error).__name__}: {error}")
-                log(notes[-1])
-        for depth in depths:
-            token = tree_variant(base, depth, "token", targets)
-            models[f"TreeLoRA d={depth} token"] = token
-            models[f"TreeLoRA d={depth} sequence"] = tree_variant(base, depth, "sequence", targets, donor=token)
-        for model in models.values():
-            model.eval()
-        tasks = {name: timed(eval_forward(model, input_ids)) for name, model in models.items()}
-        results += interleaved("eval forward", tasks, rounds, 1, rng, log).values()
+        with tempfile.TemporaryDirectory() as xlora_dir:
+            if not (args.no_xlora or args.quick):
+                try:
+                    models["X-LoRA 16 experts r=8"] = xlora_variant(base, 16, targets, Path(xlora_dir))
+                except Exception as error:  # say why, and benchmark the rest
+                    notes.append(f"PEFT X-LoRA could not be set up: {type(error).__name__}: {error}")
+                    log(notes[-1])
+            for depth in depths:
+                token = tree_variant(base, depth, "token", targets)
+                models[f"TreeLoRA d={depth} token"] = token
+                models[f"TreeLoRA d={depth} sequence"] = tree_variant(base, depth, "sequence", targets, donor=token)
+            tasks = {name: timed(eval_forward(model.eval(), input_ids)) for name, model in models.items()}
+            results += interleaved("eval forward", tasks, rounds, 1, rng, log).values()
         del models, tasks
-        xlora_dir.cleanup()
         gc.collect()
 
     if "train" in sections:
@@ -476,81 +487,45 @@ def run(args: argparse.Namespace) -> int:
         models = {
             REFERENCE: lora_variant(base, 8, targets),
             "TreeLoRA d=4 token": tree_variant(base, 4, "token", targets),
-            "TreeLoRA d=4 sequence": tree_variant(base, 4, "sequence", targets),
             "LoRA r=128": lora_variant(base, 128, targets),
         }
         tasks = {name: timed(training_step(model, input_ids)) for name, model in models.items()}
-        results += interleaved("training step", tasks, max(2, rounds - 1), 1, rng, log).values()
+        results += interleaved("training step", tasks, rounds, 1, rng, log).values()
         del models, tasks
         gc.collect()
 
     if "generate" in sections:
         log("generate: building variants")
-        new_tokens = 8 if args.tiny else 64
         prompt = input_ids[:4, :32]
         models = {
             REFERENCE: lora_variant(base, 8, targets),
             "TreeLoRA d=4 token": tree_variant(base, 4, "token", targets),
             "TreeLoRA d=4 sequence": tree_variant(base, 4, "sequence", targets),
         }
-        tasks = {name: timed(generation(model.eval(), prompt, new_tokens)) for name, model in models.items()}
-        series = interleaved("generate", tasks, rounds, 1, rng, log)
-        for s in series.values():  # report throughput: tokens/s, and the ratio of throughputs
+        for model in models.values():  # warm-up: a short generation, not a full one
+            generation(model.eval(), prompt, 2)()
+        tasks = {name: timed(generation(model, prompt, new_tokens)) for name, model in models.items()}
+        series = interleaved("generate", tasks, rounds, 0, rng, log)
+        for s in series.values():  # report throughput, and the ratio of throughputs (higher is better)
             s.unit = "tok/s"
             s.seconds = [prompt.shape[0] * new_tokens / t for t in s.seconds]
             s.ratios = [1 / r for r in s.ratios]
-            s.name = s.name
         results += series.values()
         del models, tasks
         gc.collect()
 
     if "memory" in sections:
-        if not memory_supported():
-            notes.append("peak memory not measured: /proc/self/clear_refs is not available on this system")
+        if memory_supported():
+            results += memory_section(shapes, targets, args.batch, args.seq_len, threads, log)
         else:
-            configs = {
-                REFERENCE: ("lora", 8),
-                "TreeLoRA d=4 token": ("token", 4),
-                "TreeLoRA d=4 sequence": ("sequence", 4),
-                "LoRA r=128": ("lora", 128),
-            }
-            probes = {}
-            for name, (kind, value) in configs.items():
-                log(f"peak memory: {name} (subprocess)")
-                spec = dict(
-                    kind=kind,
-                    value=value,
-                    shapes=shapes,
-                    targets=targets,
-                    batch=args.batch,
-                    seq_len=args.seq_len,
-                    threads=threads,
-                )
-                probes[name] = measure_memory(spec, timeout=900)
-            for label, index in (("first", 0), ("steady", 1)):
-                reference = probes[REFERENCE]["steps"][index]
-                for name, probe in probes.items():
-                    step = probe["steps"][index]
-                    peak = Series(
-                        f"peak memory, training step ({label})" if label == "first" else "peak memory, training step",
-                        name,
-                        unit="MB",
-                    )
-                    peak.seconds = [step["peak_mb"]]
-                    peak.ratios = [step["peak_mb"] / reference["peak_mb"]]
-                    results.append(peak)
-                    extra = Series(f"memory added by the step ({label})", name, unit="MB")
-                    extra.seconds = [step["peak_mb"] - step["before_mb"]]
-                    extra.ratios = [extra.seconds[0] / (reference["peak_mb"] - reference["before_mb"])]
-                    results.append(extra)
+            notes.append("peak memory not measured: this system has no /proc/self/clear_refs")
 
     info["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     info["wall time"] = f"{time.time() - started:.0f} s"
     command = "tree-lora bench " + " ".join(sys.argv[1:]) if sys.argv[1:] else "tree-lora bench"
     body = table(results)
-    print("\n" + body + "\n")
     verdicts = targets_table(results)
-    print(verdicts + "\n")
+    print("\n" + body + "\n\n" + verdicts + "\n")
     for note in notes:
         print("note: " + note)
     plot_path = out_dir / "bench_depth.png"
@@ -559,21 +534,23 @@ def run(args: argparse.Namespace) -> int:
     report = [
         "# TreeLoRA benchmark results",
         "",
-        f"Written by `{command}` (see `peft_tree_lora/bench.py`). Batch {args.batch} x {args.seq_len} tokens, "
+        f"Written by `{command}` (`peft_tree_lora/bench.py`). Batch {args.batch} x {args.seq_len} tokens, "
         f"{'tiny' if args.tiny else 'SmolLM2-135M'} shapes, random weights, fp32, target modules `{targets}`, "
-        f"{rounds} interleaved rounds.",
+        f"{rounds} interleaved rounds per section after one warm-up; generate: batch 4, 32-token prompt, "
+        f"{new_tokens} new tokens, greedy, KV cache.",
         "",
         *[f"- {key}: {value}" for key, value in info.items()],
         *[f"- note: {note}" for note in notes],
         "",
-        "## Targets",
+        "## Targets (issue 5)",
         "",
         verdicts,
         "",
         "## All figures",
         "",
-        "Times are medians over rounds; ratios are computed per round against LoRA r=8 of the same round "
-        "(for generate: throughput ratio, higher is better; for memory: one subprocess per configuration).",
+        "Times are medians over rounds; each ratio is taken against LoRA r=8 of the same round, then summarised as "
+        "median (min - max). Generate: throughput and throughput ratio (higher is better). Memory: one subprocess "
+        "per configuration, peak resident memory of a training step (see the module docstring).",
         "",
         body,
         "",
@@ -583,6 +560,33 @@ def run(args: argparse.Namespace) -> int:
     (out_dir / "results.md").write_text("\n".join(report))
     log(f"wrote {out_dir / 'results.md'}")
     return 0
+
+
+def memory_section(shapes: dict, targets, batch: int, seq_len: int, threads: int, log) -> list[Series]:
+    configs = {REFERENCE: ("lora", 8), "TreeLoRA d=4 token": ("token", 4), "LoRA r=128": ("lora", 128)}
+    probes = {}
+    for name, (kind, value) in configs.items():
+        log(f"peak memory: {name} (own subprocess)")
+        spec = dict(
+            kind=kind, value=value, shapes=shapes, targets=targets, batch=batch, seq_len=seq_len, threads=threads
+        )
+        probes[name] = measure_memory(spec, timeout=1800)
+    results = []
+    sections = (
+        ("peak memory, training step", 1, "peak_mb"),  # the steady state: the optimiser state exists already
+        ("peak memory, first training step", 0, "peak_mb"),  # it also allocates the optimiser state
+        ("memory added by a training step", 1, "added_mb"),
+    )
+    for section, step_index, key in sections:
+        reference = _memory_figure(probes[REFERENCE]["steps"][step_index], key)
+        for name, probe in probes.items():
+            figure = _memory_figure(probe["steps"][step_index], key)
+            results.append(Series(section, name, [figure], [figure / reference], unit="MB"))
+    return results
+
+
+def _memory_figure(step: dict, key: str) -> float:
+    return step["peak_mb"] - step["before_mb"] if key == "added_mb" else step["peak_mb"]
 
 
 def main(argv: list[str] | None = None) -> int:
