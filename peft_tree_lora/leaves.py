@@ -3,10 +3,12 @@
 Soft routing mixes every leaf; hard routing applies one leaf per row. Neither builds a `(tokens, L, out)` tensor:
 the soft mix weights the rank-space activations, and the hard path only touches the chosen leaf of each row.
 
-Hard routing has three kernels, picked per call by the number of rows and leaves (thresholds measured with
+Hard routing has four kernels, picked per call by the number of rows and leaves (thresholds measured with
 `tree-lora bench` and the micro-benchmarks described in the README's performance section, on 2 CPU cores):
 - gathered: each row's leaf matrices are gathered and applied by a batched matmul. Fewest operations, but its memory
   traffic is rows x r x (in + out): only for a handful of rows (decoding a few sequences token by token).
+- masked dense: with two leaves, computing both and zeroing the other leaf's rank activations costs two rank-r LoRAs
+  and no sorting; from four leaves on, sorting is cheaper.
 - grouped_mm: rows sorted by leaf, then one grouped matmul per factor (`torch.nn.functional.grouped_mm`), which runs
   all leaves in one kernel call. Fastest for many rows; its per-group cost makes it lose when leaves far outnumber
   rows. It has no CPU backward and wants 16-byte-aligned strides, so it serves inference only.
@@ -20,6 +22,8 @@ import torch.nn.functional as F
 
 # Up to this many rows, gathering each row's leaf weights beats sorting rows into groups.
 GATHER_MAX_ROWS = 8
+# Up to this many leaves, computing every leaf and masking beats sorting rows into groups.
+MASKED_DENSE_MAX_LEAVES = 2
 # grouped_mm pays a fixed cost per leaf, used or not: it is chosen while leaves <= this many times the rows.
 GROUPED_MM_MAX_LEAVES_PER_ROW = 2
 # Off switch for the grouped_mm kernel (tests use it to compare the kernels with each other).
@@ -54,6 +58,8 @@ def apply_leaf_per_row(
         return F.linear(_scaled(F.linear(x, lora_A[0]), scaling), lora_B[0])
     if rows <= GATHER_MAX_ROWS:
         return gathered(x, lora_A, lora_B, leaf, scaling)
+    if num_leaves <= MASKED_DENSE_MAX_LEAVES:
+        return masked_dense(x, lora_A, lora_B, leaf, scaling)
     if num_leaves <= GROUPED_MM_MAX_LEAVES_PER_ROW * rows and grouped_mm_usable(x, lora_A, lora_B):
         return grouped_by_grouped_mm(x, lora_A, lora_B, leaf, scaling)
     return grouped_by_loop(x, lora_A, lora_B, leaf, scaling)
@@ -64,6 +70,16 @@ def gathered(
 ) -> torch.Tensor:
     hidden = torch.bmm(lora_A[leaf], x.unsqueeze(-1))  # (T, r, 1)
     return torch.bmm(lora_B[leaf], _scaled(hidden, scaling)).squeeze(-1)
+
+
+def masked_dense(
+    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, leaf: torch.Tensor, scaling: float = 1.0
+) -> torch.Tensor:
+    num_leaves, rank, in_features = lora_A.shape
+    hidden = F.linear(x, lora_A.reshape(num_leaves * rank, in_features)).view(-1, num_leaves, rank)
+    keep = (leaf.unsqueeze(1) == torch.arange(num_leaves, device=leaf.device)).to(hidden.dtype)
+    hidden = hidden * _scaled(keep, scaling).unsqueeze(-1)
+    return F.linear(hidden.flatten(1), lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], num_leaves * rank))
 
 
 def grouped_by_grouped_mm(

@@ -57,6 +57,7 @@ def some_leaves(rows, depth, seed=0):
 HARD_KERNELS = {
     "dispatcher": leaves.apply_leaf_per_row,
     "gathered": leaves.gathered,
+    "masked_dense": leaves.masked_dense,
     "grouped_by_loop": leaves.grouped_by_loop,
     "grouped_by_grouped_mm": leaves.grouped_by_grouped_mm,
 }
@@ -156,6 +157,7 @@ def simple_kernels(monkeypatch):
     """Route every hard call through the plainest kernels: no gather, no grouped_mm, no split descent."""
     monkeypatch.setattr(leaves, "USE_GROUPED_MM", False)
     monkeypatch.setattr(leaves, "GATHER_MAX_ROWS", 0)
+    monkeypatch.setattr(leaves, "MASKED_DENSE_MAX_LEAVES", 0)
     monkeypatch.setattr(routing, "SPLIT_DESCENT_MIN_ROW_ROUTERS", float("inf"))
 
 
