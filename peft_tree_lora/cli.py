@@ -603,7 +603,8 @@ def _compare(args: argparse.Namespace) -> int:
         f"hard at evaluation",
         "machine": machine_description(),
         "wall time": f"{wall / 60:.1f} min (loading, tokenising, training and evaluating all runs)",
-        "timing caveat": "times are wall-clock on a possibly shared machine; the ratio column is the fair view",
+        "timing caveat": "train times are wall-clock, measured one run after another; on a machine shared with "
+        "other work they and their ratios say little",
     }
     report = write_report(results, output, setup, reference=runs[0][0], tree_name=runs[1][0])
     (output / "results.json").write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
