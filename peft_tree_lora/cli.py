@@ -309,12 +309,11 @@ def _load_local(model_cls, tokenizer_cls, location: str, spec: str, **kwargs):
 def _load_hub(model_cls, tokenizer_cls, repo_id: str):
     if not re.fullmatch(r"[\w.-]+/[\w.-]+|[\w.-]+", repo_id):
         raise TreeLoraUsageError(f"{repo_id!r} is neither a local folder nor a Hub model id like 'owner/name'.")
-    try:
-        return _load_local(model_cls, tokenizer_cls, repo_id, repo_id, local_files_only=True)
-    except TreeLoraUsageError:
-        pass
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, try_to_load_from_cache
     from huggingface_hub.errors import RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):  # in the local Hub cache: no network
+        return _load_local(model_cls, tokenizer_cls, repo_id, repo_id, local_files_only=True)
 
     try:
         HfApi().model_info(repo_id, timeout=10)
