@@ -21,6 +21,7 @@ from peft_tree_lora.experiments.facts import (
     fano_bits,
     generate_people,
     held_out_template,
+    merge_results,
     prompt_and_answer,
     recall_queries,
     training_statements,
@@ -117,7 +118,7 @@ def test_saturation_study_runs_end_to_end(tmp_path):
     out = tmp_path / "results"
     status = cli_main(
         ["experiment", "saturation", *TINY_MODEL, "--data", str(corpus), "--block-length", "16", "--batch-size", "4"]
-        + ["--max-pretrain-steps", "12", "--continue-steps", "6", "--eval-every", "3", "--warmup-steps", "1"]
+        + ["--max-pretrain-steps", "6", "--continue-steps", "4", "--eval-every", "2", "--warmup-steps", "1"]
         + ["--eval-blocks", "4", "--rank", "1", "--depth", "1", "--out", str(out), "--quiet"]
     )
     assert status == 0
@@ -153,6 +154,17 @@ def test_facts_study_runs_end_to_end_and_keeps_hand_written_notes(tmp_path):
         assert run["bits"] >= 0 and run["bits_per_adapter_param"] == run["bits"] / run["trainable_params"]
     page = (out / "RESULTS.md").read_text()
     assert "## Study 2: knowledge capacity" in page and "my reading" in page and "old page" not in page
+    again = ["experiment", "facts", *TINY_MODEL, "--people", "4", "--background", "8", "--background-epochs", "2"]
+    again += ["--epochs", "2", "--batch-size", "4", "--seeds", "3", "--out", str(out), "--append"]
+    assert cli_main(again) == 2  # seed 3 is already there: refused before any training
+
+
+def test_appending_seeds_merges_runs_and_lists_both_commands():
+    first = {"command": "a", "settings": {"epochs": 2, "seeds": [0]}, "bases": [1], "runs": [1, 2], "wall_seconds": 5}
+    second = {"command": "b", "settings": {"epochs": 2, "seeds": [1]}, "bases": [3], "runs": [4], "wall_seconds": 2}
+    merged = merge_results(first, second)
+    assert merged["command"] == ["a", "b"] and merged["settings"]["seeds"] == [0, 1]
+    assert merged["runs"] == [1, 2, 4] and merged["bases"] == [1, 3] and merged["wall_seconds"] == 7
 
 
 def test_bad_settings_exit_with_status_2(tmp_path, capsys):

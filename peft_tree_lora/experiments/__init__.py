@@ -44,6 +44,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         )
         sub.add_argument("--no-page", action="store_true", help="do not rewrite RESULTS.md in the output folder")
         sub.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+        if name == "facts":
+            sub.add_argument(
+                "--append", action="store_true", help="add these seeds' runs to the facts.json already in --out"
+            )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         summary = f"pretraining: {data['pretrain']['stop_reason']}"
     else:
         settings = _settings_from_args(FactsSettings, args)
-        data = run_facts(settings, out, show_progress=not args.quiet)
+        data = run_facts(settings, out, show_progress=not args.quiet, append=args.append)
         summary = f"{len(data['runs'])} adapter runs"
     if not args.no_page:
         page = write_results_page(out)

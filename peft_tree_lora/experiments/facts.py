@@ -23,7 +23,7 @@ import torch
 from ..errors import TreeLoraUsageError
 from ..model import TreeLoraModel
 from ..runner import TrainSettings, run_training
-from .common import DOCS_DIR, adapter_arms, command_line, tiny_llama, versions, write_json
+from .common import DOCS_DIR, adapter_arms, command_line, read_json, tiny_llama, versions, write_json
 
 RESULT_FILE = "facts.json"
 PLOT_FILE = "facts_capacity.png"
@@ -273,9 +273,9 @@ def exact_match(model: torch.nn.Module, queries: list[tuple[str, list[int], list
 def fano_bits(accuracy: float, value_count: int) -> float:
     """A lower bound on the information (bits) one recalled fact carries about a value drawn uniformly from
     `value_count` choices, given exact-match accuracy: log2 V - h(e) - e log2(V - 1), with e = 1 - accuracy (Fano's
-    inequality). Chance accuracy gives 0; perfect recall gives log2 V."""
-    if value_count < 2:
-        return 0.0
+    inequality). Chance accuracy or worse gives 0; perfect recall gives log2 V."""
+    if value_count < 2 or accuracy <= 1.0 / value_count:
+        return 0.0  # the bound is slightly positive below chance (always wrong is informative); count it as 0
     error = min(max(1.0 - accuracy, 0.0), 1.0)
     entropy = 0.0 if error in (0.0, 1.0) else -(error * math.log2(error) + (1 - error) * math.log2(1 - error))
     return max(0.0, math.log2(value_count) - entropy - error * math.log2(value_count - 1))
@@ -300,25 +300,35 @@ class FactsSettings:
     parameters), first trained in full on the biographies of `background` other people with all four paraphrases,
     so it knows the templates and how to look a name up; the adapters then learn `people` new ones."""
 
-    people: list[int] = field(default_factory=lambda: [16, 64, 256])
+    people: list[int] = field(default_factory=lambda: [8, 32, 128])
     background: int = 200
     background_epochs: int = 40
-    epochs: int = 20
+    epochs: int = 60
     hidden: int = 64
     layers: int = 4
     heads: int = 4
     intermediate: int = 176
-    batch_size: int = 32
+    batch_size: int = 16
+    base_batch_size: int = 32
     base_lr: float = 5e-3
     adapter_lr: float = 1e-2
     rank: int = 1
     depth: int = 3
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    seeds: list[int] = field(default_factory=lambda: [0])
 
     def validate(self) -> None:
         if not self.people or min(self.people) < 1:
             raise TreeLoraUsageError(f"--people needs one or more counts >= 1; got {self.people}.")
-        for name in ("background", "background_epochs", "epochs", "hidden", "layers", "heads", "batch_size"):
+        for name in (
+            "background",
+            "background_epochs",
+            "epochs",
+            "hidden",
+            "layers",
+            "heads",
+            "batch_size",
+            "base_batch_size",
+        ):
             if getattr(self, name) < 1:
                 raise TreeLoraUsageError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}.")
         if self.hidden % self.heads:
@@ -335,8 +345,14 @@ class FactsSettings:
             raise TreeLoraUsageError("--seeds needs at least one seed.")
 
 
-def run_facts(settings: FactsSettings, out_dir: Path = DOCS_DIR, show_progress: bool = True) -> dict:
-    """Run the whole study, write `facts.json` and the plot into `out_dir`, and return the result dict."""
+def run_facts(
+    settings: FactsSettings, out_dir: Path = DOCS_DIR, show_progress: bool = True, append: bool = False
+) -> dict:
+    """Run the whole study, write `facts.json` and the plot into `out_dir`, and return the result dict. With
+    `append`, the new seeds' runs are added to the `facts.json` already there (same settings but the seeds)."""
+    previous = read_json(out_dir / RESULT_FILE) if append else None
+    if previous is not None:
+        _check_appendable(previous, settings)
     settings.validate()
     started = time.perf_counter()
     tokenizer = WordTokenizer()
@@ -353,13 +369,13 @@ def run_facts(settings: FactsSettings, out_dir: Path = DOCS_DIR, show_progress: 
         fresh_model = functools.partial(_facts_model, settings, tokenizer.vocab_size, model_length, seed, None)
 
         _say(f"seed {seed}: training the base on {settings.background} background people", show_progress)
-        base_steps = max(1, base_train.shape[0] // settings.batch_size)
+        base_steps = max(1, base_train.shape[0] // settings.base_batch_size)
         base = run_training(
             "base",
             fresh_model,
             base_train,
             base_eval,
-            _train_settings(settings, base_steps, settings.base_lr, seed, show_progress),
+            _train_settings(settings, base_steps, settings.base_lr, seed, show_progress, settings.base_batch_size),
         )
         base_state = {k: v.detach().clone() for k, v in base.model.state_dict().items()}
         background_queries = recall_queries(tokenizer, background[:256])
@@ -438,6 +454,8 @@ def run_facts(settings: FactsSettings, out_dir: Path = DOCS_DIR, show_progress: 
         "runs": runs,
         "wall_seconds": time.perf_counter() - started,
     }
+    if previous is not None:
+        data = merge_results(previous, data)
     out_dir.mkdir(parents=True, exist_ok=True)
     from .plots import plot_facts
 
@@ -445,6 +463,29 @@ def run_facts(settings: FactsSettings, out_dir: Path = DOCS_DIR, show_progress: 
     data["plot"] = PLOT_FILE
     write_json(out_dir / RESULT_FILE, data)
     return data
+
+
+def _check_appendable(previous: dict[str, Any], settings: FactsSettings) -> None:
+    old = {k: v for k, v in previous["settings"].items() if k != "seeds"}
+    new = {k: v for k, v in asdict(settings).items() if k != "seeds"}
+    if old != new:
+        changed = sorted(k for k in new if old.get(k) != new[k])
+        raise TreeLoraUsageError(f"--append needs the settings of the existing facts.json; these differ: {changed}.")
+    repeated = set(previous["settings"]["seeds"]) & set(settings.seeds)
+    if repeated:
+        raise TreeLoraUsageError(f"--append: seeds {sorted(repeated)} are already in the existing facts.json.")
+
+
+def merge_results(previous: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """One result holding the runs of both (same settings, different seeds); the commands are listed in order."""
+    merged = dict(new)
+    commands = previous["command"] if isinstance(previous["command"], list) else [previous["command"]]
+    merged["command"] = [*commands, new["command"]]
+    merged["settings"] = {**new["settings"], "seeds": previous["settings"]["seeds"] + new["settings"]["seeds"]}
+    merged["bases"] = previous["bases"] + new["bases"]
+    merged["runs"] = previous["runs"] + new["runs"]
+    merged["wall_seconds"] = previous["wall_seconds"] + new["wall_seconds"]
+    return merged
 
 
 def _facts_model(
@@ -459,10 +500,12 @@ def _facts_model(
     return model
 
 
-def _train_settings(settings: FactsSettings, steps: int, lr: float, seed: int, show_progress: bool) -> TrainSettings:
+def _train_settings(
+    settings: FactsSettings, steps: int, lr: float, seed: int, show_progress: bool, batch_size: int | None = None
+) -> TrainSettings:
     return TrainSettings(
         steps=steps,
-        batch_size=settings.batch_size,
+        batch_size=batch_size or settings.batch_size,
         learning_rate=lr,
         eval_every=max(1, steps // 4),
         eval_batch_size=64,

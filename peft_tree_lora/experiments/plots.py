@@ -46,7 +46,8 @@ def plot_saturation(data: dict[str, Any], path: Path) -> None:
     whole.axvline(start, color="black", linestyle=":", linewidth=1)
     whole.set_xscale("log")
     whole.set_title("held-out loss from the start of pretraining")
-    zoom.set_title("after saturation (same tokens for every arm)")
+    start_name = "saturation" if data["pretrain"]["plateau_reached"] else "pretraining (plateau not reached)"
+    zoom.set_title(f"after {start_name}: same tokens for every arm")
     continuation = [p[2] for runs in data["runs"].values() for run in runs for p in run["curve"]]
     if continuation:
         low, high = min(continuation), max(continuation)
@@ -90,10 +91,12 @@ def plot_facts(data: dict[str, Any], path: Path) -> None:
         axis.set_xlabel("people N (4 facts each)")
         axis.grid(alpha=0.3)
     stored.set_yscale("log")
+    bits.set_yscale("symlog", linthresh=1e-3)  # from zero through thousandths up to the 2 bits/param anchor
+    bits.set_ylim(0, 4)
     stored.set_ylabel("facts recalled from held-out paraphrases")
     bits.set_ylabel("bits of knowledge per adapter parameter")
     stored.legend(fontsize=8)
-    bits.legend(fontsize=8)
+    bits.legend(fontsize=8, loc="center right")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

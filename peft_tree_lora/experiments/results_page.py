@@ -63,11 +63,12 @@ def _reproduce(data: dict[str, Any]) -> list[str]:
         "Reproduce (after `python3 tasks.py setup`, from the repository root):",
         "",
         "```bash",
-        data["command"],
+        *(data["command"] if isinstance(data["command"], list) else [data["command"]]),
         "```",
         "",
         f"Versions: {versions}. Machine: {data['versions']['machine']}. "
-        f"Wall time of the whole study: {data['wall_seconds'] / 60:.1f} min (the machine was shared with other jobs, "
+        f"Wall time of the whole study{' (all commands)' if isinstance(data['command'], list) else ''}: "
+        f"{data['wall_seconds'] / 60:.1f} min (the machine was shared with other jobs, "
         "so times are noisy; compare training times only within one table).",
         "",
     ]
@@ -100,7 +101,8 @@ def _saturation_section(data: dict[str, Any]) -> list[str]:
         *_reproduce(data),
         f"![held-out loss against tokens]({data.get('plot', 'saturation_loss.png')})",
         "",
-        "| arm | final held-out loss | change after saturation | trainable params | adapter params active per "
+        f"| arm | final held-out loss | change from the {_start_name(data)} | trainable params | adapter params "
+        "active per "
         "token | training time (s) | time / LoRA r |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -124,6 +126,11 @@ def _saturation_section(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _start_name(data: dict[str, Any]) -> str:
+    """What the continuation starts from: only a run that met the criterion is called saturated."""
+    return "saturated model" if data["pretrain"]["plateau_reached"] else "pretrained (not saturated) model"
+
+
 def _saturation_reading(data: dict[str, Any], finals: dict[str, float]) -> list[str]:
     if not finals:
         return []
@@ -138,11 +145,11 @@ def _saturation_reading(data: dict[str, Any], finals: dict[str, float]) -> list[
         "**What the numbers say.** "
         + "Ranking by final held-out loss: "
         + ", ".join(f"{labels[k]} {finals[k]:.4f}" for k in ranked)
-        + f" (the saturated model: {plateau:.4f})."
+        + f" (the {_start_name(data)}: {plateau:.4f})."
     ]
     improved = [k for k in ranked if finals[k] < plateau]
     text.append(
-        f"{len(improved)} of {len(finals)} arms end below the saturated model's loss"
+        f"{len(improved)} of {len(finals)} arms end below the loss of the {_start_name(data)}"
         + (
             f"; the largest gain is {plateau - finals[ranked[0]]:.4f} nats per byte ({labels[ranked[0]]})."
             if improved
@@ -201,7 +208,7 @@ def _facts_section(data: dict[str, Any]) -> list[str]:
         f"Model: a tiny word-level Llama (vocabulary {data['vocab_size']}, hidden {s['hidden']}, {s['layers']} "
         f"layers, {s['heads']} heads, SwiGLU {s['intermediate']}, {_count(bases[0]['params'])} parameters), first "
         f"trained in full on the biographies of {s['background']} other people (all four templates, "
-        f"{s['background_epochs']} epochs, learning rate {s['base_lr']}); it recalls "
+        f"{s['background_epochs']} epochs, batch {s['base_batch_size']}, learning rate {s['base_lr']}); it recalls "
         f"{_spread([b['background_recall'] for b in bases], 3)} of those background facts. Adapters (every linear "
         f"layer, lora_alpha = 2 x rank) then learn N new people for {s['epochs']} epochs at learning rate "
         f"{s['adapter_lr']}, batch {s['batch_size']}. **Recall** is exact match of greedy decoding after the "

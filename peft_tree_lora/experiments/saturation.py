@@ -183,7 +183,7 @@ def run_saturation(settings: SaturationSettings, out_dir: Path = DOCS_DIR, show_
     arms = adapter_arms(settings.rank, settings.depth, include_full=True)
     for seed in settings.seeds:
         for arm in arms:
-            _say(f"continuing from the saturated model: {arm.label} (seed {seed})", show_progress)
+            _say(f"continuing from the pretrained model: {arm.label} (seed {seed})", show_progress)
 
             def saturated_model():
                 model = fresh_model()
