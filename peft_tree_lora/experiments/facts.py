@@ -294,7 +294,8 @@ def knowledge_bits(correct: list[bool], attributes: list[str], people: int) -> t
 
 @dataclass
 class FactsSettings:
-    """Defaults sized for about 15 minutes on 2 idle CPU cores.
+    """Defaults meant to finish within 30 minutes on 2 idle CPU cores (on a loaded shared machine with one thread,
+    the default run took 23 minutes).
 
     The model is a word-level Llama (hidden 64, 4 layers, 4 heads, SwiGLU 176, tied embeddings, about 0.23 M
     parameters), first trained in full on the biographies of `background` other people with all four paraphrases,

@@ -28,11 +28,13 @@ PLOT_FILE = "saturation_loss.png"
 
 @dataclass
 class SaturationSettings:
-    """Defaults sized for about 15 minutes on 2 idle CPU cores.
+    """Defaults meant to finish within 30 minutes on 2 idle CPU cores (on a loaded shared machine with one thread,
+    the default run took 34 minutes).
 
     The model (hidden 160, 4 layers, 4 heads, SwiGLU 432, byte vocabulary, tied embeddings: 1.28 M parameters)
-    is the smallest Llama of the issue's 1-5 M range that still has several layers for the adapters to act on; it
-    trains at about 10 k tokens a second on 2 cores, so that a plateau can be reached within minutes."""
+    is at the low end of the issue's 1-5 M range and still has several layers for the adapters to act on, so that
+    about a million tokens of pretraining fit in minutes on 2 cores (on a shared, loaded machine, one thread, the
+    default run pretrained at about 1 k tokens a second)."""
 
     hidden: int = 160
     layers: int = 4
