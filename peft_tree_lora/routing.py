@@ -23,6 +23,13 @@ FULL_ROUTER_EVAL_MAX_DEPTH = 4
 SPLIT_DESCENT_MIN_ROW_ROUTERS = 4096
 
 
+# Padding the routers costs two small copies per call: only worth it for inputs this large (about 32 rows of 576).
+PAD_ROUTERS_MIN_ELEMENTS = 2**14
+# Up to this depth the descent reads each row's leaf from a table indexed by the signs of all its router logits
+# (2**(2**d - 1) entries: 32768 at depth 4): five operations whatever the depth, against two per level.
+SIGN_TABLE_MAX_DEPTH = 4
+
+
 def num_nodes(depth: int) -> int:
     return 2**depth - 1
 
@@ -44,6 +51,10 @@ def descend_logits(logits: torch.Tensor, depth: int) -> torch.Tensor:
     """Hard leaf index (`...`, int64) from the logits of every node (`..., 2**d - 1`): right where logit >= 0."""
     if depth == 0:
         return torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    if depth <= SIGN_TABLE_MAX_DEPTH:
+        signs = (logits[..., : 2**depth - 1] >= 0).to(torch.float32)
+        code = F.linear(signs, _sign_weights(depth, logits.device)).squeeze(-1)  # exact: at most 15 bits
+        return _leaf_table(depth, logits.device)[code.long()]
     # the child of node n is 2n + step, with step 1 (left) or 2 (right): two operations per level
     step = (logits >= 0).long().add_(1)
     node = step[..., :1]
@@ -60,7 +71,7 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
     tensor is a view of the first `nodes` columns.
     """
     nodes = weight.shape[0]
-    padding = -nodes % 8 if nodes >= 7 else 0
+    padding = -nodes % 8 if nodes >= 7 and x.numel() >= PAD_ROUTERS_MIN_ELEMENTS else 0
     if padding:
         weight = F.pad(weight, (0, 0, 0, padding))
         bias = F.pad(bias, (0, padding))
@@ -96,6 +107,31 @@ def descend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, depth: in
     sorted_logits += bias[nodes].index_select(0, subtree.index_select(0, order))
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(rows, device=order.device))
     return subtree * 2 ** (depth - top) + descend_logits(sorted_logits.index_select(0, inverse), depth - top)
+
+
+_SIGN_TABLES: dict[tuple[str, int, str], torch.Tensor] = {}
+
+
+def _sign_weights(depth: int, device: torch.device) -> torch.Tensor:
+    """`(1, 2**d - 1)` powers of two: node `n`'s sign is bit `n` of a row's code."""
+    key = ("weights", depth, str(device))
+    if key not in _SIGN_TABLES:
+        _SIGN_TABLES[key] = (2.0 ** torch.arange(2**depth - 1)).unsqueeze(0).to(device)
+    return _SIGN_TABLES[key]
+
+
+def _leaf_table(depth: int, device: torch.device) -> torch.Tensor:
+    """The leaf reached for every sign code (see `_sign_weights`), found by walking the tree level by level."""
+    key = ("leaves", depth, str(device))
+    if key not in _SIGN_TABLES:
+        nodes = 2**depth - 1
+        code = torch.arange(2**nodes)
+        node = torch.zeros_like(code)
+        for _ in range(depth):
+            right = (code >> node) & 1
+            node = 2 * node + 1 + right
+        _SIGN_TABLES[key] = (node - nodes).to(device)
+    return _SIGN_TABLES[key]
 
 
 _SUBTREE_NODES: dict[tuple[int, int, str], torch.Tensor] = {}
