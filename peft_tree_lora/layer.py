@@ -207,7 +207,7 @@ class TreeLoraLinear(nn.Module, TreeLoraLayer):
             # would be back-propagated once per layer through a graph that reentrant checkpointing frees after the
             # first. Cost: batch x (2**d - 1) x hidden per layer, next to batch x tokens x in x out for the layer.
             router = context.sequence_router.treelora_router[adapter]
-            logits = router(context.pooled[adapter].to(router.weight.dtype))
+            logits = router_logits(context.pooled[adapter], router.weight, router.bias)
             weights = path_probs(torch.sigmoid(logits), self.depth[adapter]).to(leaf_input.dtype)
             return mix_leaves(leaf_input, lora_A, lora_B, weights.unsqueeze(1), scaling)
         return apply_leaf_per_sequence(leaf_input, lora_A, lora_B, context.sequence_leaf[adapter], scaling)
@@ -312,7 +312,7 @@ class TreeLoraSequenceRouter(nn.Module, TreeLoraLayer):
             router = self.treelora_router[adapter]
             depth = self.depth[adapter]
             context.pooled[adapter] = pooled
-            logits = router(pooled.to(router.weight.dtype))
+            logits = router_logits(pooled, router.weight, router.bias)
             leaf = descend_logits(logits.detach(), depth)
             pinned = context.pinned_leaf.get(adapter)
             if pinned is not None:
