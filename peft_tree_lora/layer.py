@@ -51,7 +51,14 @@ class TreeLoraLayer(BaseTunerLayer):
             router.bias.zero_()
         return router
 
-    def _record(self, adapter: str, leaf: torch.Tensor, logits=None, weights=None) -> torch.Tensor | None:
+    def _record(
+        self,
+        adapter: str,
+        leaf: torch.Tensor,
+        logits: torch.Tensor | None = None,
+        p: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
         """Keep what this tree did (detached) and return its weighted auxiliary loss for a soft pass."""
         context = self.routing_context
         if context.captured_routes is not None:
@@ -70,7 +77,7 @@ class TreeLoraLayer(BaseTunerLayer):
                 aux = h_scale * hardening + b_scale * balance
             record.hardening = hardening.detach()
             record.load_balance = balance.detach()
-            record.confidence = (torch.sigmoid(logits.detach()) - 0.5).abs().mean()
+            record.confidence = (p.detach() - 0.5).abs().mean()
         context.records[(id(self), adapter)] = record
         return aux
 
@@ -172,11 +179,13 @@ class TreeLoraLinear(nn.Module, TreeLoraLayer):
         router = self.treelora_router[adapter]
         if soft:
             logits = router_logits(flat_x, router.weight, router.bias)
-            weights = path_probs(torch.sigmoid(logits), depth)
+            p = torch.sigmoid(logits)
+            weights = path_probs(p, depth)
             delta = mix_leaves(flat_input, lora_A, lora_B, weights, scaling)
             aux = None
             if self.training or context.record_eval_usage or context.captured_routes is not None:
-                aux = self._record(adapter, descend_logits(logits.detach(), depth).view(x.shape[:-1]), logits, weights)
+                leaf = descend_logits(logits.detach(), depth).view(x.shape[:-1])
+                aux = self._record(adapter, leaf, logits, p, weights)
         else:
             leaf = descend(flat_x, router.weight, router.bias, depth)
             delta = apply_leaf_per_row(flat_input, lora_A, lora_B, leaf, scaling)
@@ -319,7 +328,8 @@ class TreeLoraSequenceRouter(nn.Module, TreeLoraLayer):
                 leaf = torch.full_like(leaf, pinned)
             context.sequence_leaf[adapter] = leaf
             if self.training or context.soft_inference.get(adapter, False):
-                aux = self._record(adapter, leaf, logits, path_probs(torch.sigmoid(logits), depth))
+                p = torch.sigmoid(logits)
+                aux = self._record(adapter, leaf, logits, p, path_probs(p, depth))
                 if aux is not None:
                     embeds = attach_auxiliary_loss(embeds, aux)
             else:
