@@ -9,8 +9,17 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 import peft_tree_lora  # noqa: F401  (registers TreeLoRA with PEFT)
 
 # The tests' models are tiny: one thread is faster than two (no OpenMP hand-offs), and far faster when the cores
-# are shared with other work. Tests that need more set it themselves.
+# are shared with other work (measured ~10x on a busy 2-core machine).
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Every test starts and ends on one thread, whatever the code under test set (bench, experiments)."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
+
 
 VOCAB = 96
 

@@ -10,7 +10,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 from cli_assets import save_tiny_model, write_sample_text
 from conftest import make_tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -20,15 +19,6 @@ from peft_tree_lora.cli import main
 
 FAST = ["--seq-len", "16", "--steps", "4", "--batch-size", "4", "--eval-every", "2", "--eval-blocks", "4", "--quiet"]
 TREE = ["--depth", "2", "--rank", "4"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy machine makes two threads spin."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +34,6 @@ def assets(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def trained(assets) -> Path:
     output = assets["root"] / "trained"
-    torch.set_num_threads(1)
     code = main(
         ["train", "--model", str(assets["model"]), "--data", str(assets["text"]), *FAST, *TREE, "-o", str(output)]
     )

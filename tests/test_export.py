@@ -32,15 +32,6 @@ from peft_tree_lora.export import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine run ~10x slower with 2 OpenMP threads than with 1 (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 BUILDERS = {"llama": make_tiny_llama, "gpt2": make_tiny_gpt2}
 DEPTH = 2
 

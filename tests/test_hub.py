@@ -124,15 +124,6 @@ print("REPORT " + json.dumps(report))
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine run ~10x slower with 2 OpenMP threads than with 1 (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def hub_process(script: str, hub: HubServer, home: Path, paths: dict, token: bool = True) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_ENDPOINT=hub.url, HF_HOME=str(home), HF_HUB_DISABLE_XET="1", OMP_NUM_THREADS="1")
@@ -161,7 +152,6 @@ def hub():
 def published(hub, tmp_path_factory):
     """Three different TreeLoRA adapters pushed to one repo (main, branch v2, subfolder), then loaded back in a
     fresh process. Returns what both processes reported and the outputs expected for each adapter."""
-    torch.set_num_threads(1)
     work = tmp_path_factory.mktemp("hub")
     make_tiny_llama().save_pretrained(work / "base")
     expected = {}
