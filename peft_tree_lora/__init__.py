@@ -4,16 +4,22 @@
 `PeftModel.from_pretrained` and `AutoPeftModel*` handle TreeLoRA adapters like any other PEFT adapter.
 """
 
-from .registration import register
+from .tuner.registration import register
 
 register()
 
-from .config import MAX_DEPTH, TreeLoraConfig  # noqa: E402
-from .layer import TreeLoraLayer, TreeLoraLinear, TreeLoraSequenceRouter  # noqa: E402
-from .model import TreeLoraModel  # noqa: E402
-from .trainer import RoutingTelemetryCallback, routing_telemetry  # noqa: E402
+from .integrations.telemetry import RoutingTelemetryCallback, routing_telemetry  # noqa: E402
+from .tuner import (  # noqa: E402
+    MAX_DEPTH,
+    TreeLoraConfig,
+    TreeLoraLayer,
+    TreeLoraLinear,
+    TreeLoraModel,
+    TreeLoraSequenceRouter,
+    TreeRouter,
+)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "MAX_DEPTH",
@@ -23,6 +29,7 @@ __all__ = [
     "TreeLoraLinear",
     "TreeLoraModel",
     "TreeLoraSequenceRouter",
+    "TreeRouter",
     "__version__",
     "register",
     "routing_telemetry",

@@ -87,8 +87,8 @@ def tree_variant(base, depth: int, routing: str, targets, donor=None):
     memory of a second copy of a deep tree's leaves (the timing does not depend on their values)."""
     from peft import get_peft_model
 
-    from .config import TreeLoraConfig
-    from .layer import TreeLoraLinear
+    from .tuner.config import TreeLoraConfig
+    from .tuner.layer import TreeLoraLinear
 
     torch.manual_seed(100 + depth)
     config = TreeLoraConfig(
@@ -423,7 +423,7 @@ SECTIONS = ("forward", "train", "generate", "memory")
 
 
 def run(args: argparse.Namespace) -> int:
-    from .errors import TreeLoraUsageError
+    from .tuner.errors import TreeLoraUsageError
 
     threads = args.threads or os.cpu_count() or 1
     rounds = args.rounds or (2 if args.quick else 3)

@@ -15,7 +15,7 @@ from conftest import make_tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from peft_tree_lora.cli import main
+from peft_tree_lora.app.cli import main
 
 FAST = ["--seq-len", "16", "--steps", "4", "--batch-size", "4", "--eval-every", "2", "--eval-blocks", "4", "--quiet"]
 TREE = ["--depth", "2", "--rank", "4"]
@@ -193,7 +193,7 @@ def test_plugin_modules_become_subcommands(tmp_path, monkeypatch, capsys):
         )
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr("peft_tree_lora.cli.PLUGINS", {"fake": ("tree_lora_fake_plugin", "a test plug-in")})
+    monkeypatch.setattr("peft_tree_lora.app.cli.PLUGINS", {"fake": ("tree_lora_fake_plugin", "a test plug-in")})
     assert main(["fake", "--times", "2"]) == 7
     assert capsys.readouterr().out.strip() == "plugged inplugged in"
 

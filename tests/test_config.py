@@ -22,7 +22,7 @@ def test_import_registers_treelora_with_peft():
 
 def test_registering_twice_is_harmless():
     peft_tree_lora.register()
-    importlib.reload(peft_tree_lora.registration)
+    importlib.reload(peft_tree_lora.tuner.registration)
     peft_tree_lora.register()
     assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.TREELORA] is TreeLoraConfig
 
@@ -56,7 +56,9 @@ def test_config_round_trips_through_json(tmp_path):
         ("lora_alpha", float("nan"), "finite number"),
         ("lora_dropout", 1.0, "[0, 1)"),
         ("lora_dropout", -0.1, "[0, 1)"),
-        ("routing", "layer", "['token', 'sequence']"),
+        ("routing", "layer", "['token', 'block', 'sequence']"),
+        ("training_routing", "mixed", "['hard', 'switch', 'soft']"),
+        ("load_balance", "entropy", "['kl', 'switch']"),
         ("inference_routing", "argmax", "['hard', 'soft']"),
         ("router_init", "orthogonal", "['random', 'zeros']"),
         ("router_init_scale", 0.0, "> 0"),

@@ -50,7 +50,7 @@ def test_depth_zero_equals_peft_lora_with_the_same_weights(make_base, input_ids)
 @pytest.mark.parametrize("routing", ROUTINGS)
 @pytest.mark.parametrize("depth", [1, 4])
 def test_hard_evaluation_equals_soft_evaluation_once_routers_saturate(depth, routing, input_ids):
-    model = trained_looking(tree_model(make_tiny_llama(), depth=depth, routing=routing), router_scale=1e4).eval()
+    model = trained_looking(tree_model(make_tiny_llama(), depth=depth, routing=routing), router_scale=1e6).eval()
     hard = logits(model, input_ids)
     model.base_model.set_inference_routing("soft")
     torch.testing.assert_close(logits(model, input_ids), hard, rtol=1e-4, atol=1e-4)
@@ -64,27 +64,71 @@ def test_soft_evaluation_mixes_leaves_and_differs_from_hard_before_saturation(ro
     assert not torch.allclose(logits(model, input_ids), hard, atol=1e-3)
 
 
-def test_training_mode_mixes_every_leaf_by_its_path_probability(input_ids):
-    model = trained_looking(tree_model(make_tiny_llama(), depth=2, target_modules=["q_proj"]))
-    layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    x = torch.randn(5, layer.in_features)
+def _q_proj_tree(training_routing: str):
+    model = trained_looking(
+        tree_model(make_tiny_llama(), depth=2, target_modules=["q_proj"], training_routing=training_routing)
+    )
+    return model.base_model.model.model.layers[0].self_attn.q_proj
+
+
+def _by_hand(layer, x):
+    """Path weights, hard leaf and every leaf's output for `x`, written out for a depth-2 tree."""
     lora_A, lora_B = layer.treelora_A["default"], layer.treelora_B["default"]
-    router = layer.treelora_router["default"]
-    p = torch.sigmoid(router(x))
+    p = torch.sigmoid(layer.treelora_router["default"](x))
     weights = torch.stack(
         [(1 - p[:, 0]) * (1 - p[:, 1]), (1 - p[:, 0]) * p[:, 1], p[:, 0] * (1 - p[:, 2]), p[:, 0] * p[:, 2]], -1
     )
-    expected = layer.base_layer(x) + 2.0 * sum(
-        weights[:, k : k + 1] * (x @ lora_A[k].T @ lora_B[k].T) for k in range(4)
-    )
-    layer.train()
-    torch.testing.assert_close(layer(x), expected)
-    layer.eval()
     first = (p[:, 0] >= 0.5).long()  # descend: right where p >= 0.5, children of node n at 2n+1 and 2n+2
     second = (p.gather(1, (1 + first).unsqueeze(1)).squeeze(1) >= 0.5).long()
     leaf = 2 * first + second
-    chosen = torch.stack([x[i] @ lora_A[leaf[i]].T @ lora_B[leaf[i]].T for i in range(5)])
-    torch.testing.assert_close(layer(x), layer.base_layer(x) + 2.0 * chosen)
+    outputs = torch.stack([2.0 * x @ lora_A[k].T @ lora_B[k].T for k in range(4)], 1)  # scaling alpha / r = 2
+    chosen = outputs[torch.arange(x.shape[0]), leaf]
+    return weights, leaf, outputs, chosen
+
+
+def test_soft_training_mixes_every_leaf_by_its_path_probability():
+    layer = _q_proj_tree("soft")
+    x = torch.randn(5, layer.in_features)
+    weights, _, outputs, chosen = _by_hand(layer, x)
+    layer.train()
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + (weights.unsqueeze(-1) * outputs).sum(1))
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + chosen)
+
+
+def test_hard_training_computes_the_function_that_evaluation_serves():
+    layer = _q_proj_tree("hard")
+    x = torch.randn(5, layer.in_features)
+    _, _, _, chosen = _by_hand(layer, x)
+    layer.train()
+    trained = layer(x)
+    layer.eval()
+    served = layer(x)
+    torch.testing.assert_close(trained, layer.base_layer(x) + chosen)
+    torch.testing.assert_close(served, trained)
+
+
+def test_hard_training_teaches_each_leaf_only_its_own_rows_and_the_routers_through_path_probabilities():
+    layer = _q_proj_tree("hard").train()
+    x = torch.randn(5, layer.in_features)
+    _, leaf, _, _ = _by_hand(layer, x)
+    layer(x).pow(2).sum().backward()
+    grad_B = layer.treelora_B["default"].grad.abs().sum(dim=(1, 2))
+    used = torch.zeros(4, dtype=torch.bool)
+    used[leaf] = True
+    assert (grad_B[used] > 0).all() and (grad_B[~used] == 0).all()
+    assert layer.treelora_router["default"].weight.grad.abs().sum() > 0
+
+
+def test_switch_training_and_serving_scale_the_chosen_leaf_by_its_path_probability():
+    layer = _q_proj_tree("switch")
+    x = torch.randn(5, layer.in_features)
+    weights, leaf, _, chosen = _by_hand(layer, x)
+    expected = layer.base_layer(x) + weights[torch.arange(5), leaf].unsqueeze(1) * chosen
+    layer.train()
+    torch.testing.assert_close(layer(x), expected)
+    layer.eval()
+    torch.testing.assert_close(layer(x), expected)
 
 
 @pytest.mark.parametrize("routing", ROUTINGS)
@@ -102,16 +146,38 @@ def test_only_adapter_parameters_receive_gradients(routing, input_ids):
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_training_loss_includes_the_weighted_auxiliary_losses(routing, input_ids):
     model = trained_looking(tree_model(make_tiny_llama(), depth=2, routing=routing)).train()
-    with_aux = model(input_ids=input_ids, labels=input_ids).loss
-    aux = model.base_model.auxiliary_losses()
-    with model.disable_adapter():
-        pass
-    plain = tree_model(make_tiny_llama(), depth=2, routing=routing, hardening_loss_weight=0.0)
+    outputs = model(input_ids=input_ids, labels=input_ids)
+    plain = tree_model(
+        make_tiny_llama(), depth=2, routing=routing, hardening_loss_weight=0.0, load_balance_loss_weight=0.0
+    )
     plain.load_state_dict(model.state_dict())
-    plain.base_model.routing_context.aux_weights["default"] = (0.0, 0.0)
-    task = plain.train()(input_ids=input_ids, labels=input_ids).loss
-    assert 0 < aux["hardening"] <= 1 and aux["load_balance"] >= 0
-    torch.testing.assert_close(with_aux, task + aux["total"], rtol=1e-5, atol=1e-6)
+    task = plain.train()(input_ids=input_ids, labels=input_ids)
+    assert outputs.aux_loss > 0 and "aux_loss" not in task
+    torch.testing.assert_close(outputs.loss, task.loss + outputs.aux_loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("trees", [1, 4])
+def test_auxiliary_loss_weights_apply_to_each_tree_whatever_the_number_of_trees(trees, input_ids):
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"][:trees]
+    model = tree_model(make_tiny_llama(num_hidden_layers=1), depth=2, target_modules=targets).train()
+    model.base_model.set_inference_routing("soft")
+    with torch.no_grad():
+        aux = float(model(input_ids=input_ids, labels=input_ids).aux_loss)
+        layers = [m for m in model.modules() if isinstance(m, TreeLoraLinear)]
+        per_tree = [float(layer.router_losses["default"](*_router_state(layer, model, input_ids))) for layer in layers]
+    assert len(per_tree) == trees
+    assert aux == pytest.approx(sum(per_tree), rel=1e-5)
+
+
+def _router_state(layer, model, input_ids):
+    """The logits and hard leaves of one layer's routers for its input in a forward pass of `model`."""
+    seen = {}
+    handle = layer.register_forward_pre_hook(lambda module, args: seen.setdefault("x", args[0]))
+    model(input_ids=input_ids)
+    handle.remove()
+    x = seen["x"].reshape(-1, layer.in_features)
+    router = layer.treelora_router["default"]
+    return router(x), router.leaf(x)
 
 
 def test_auxiliary_loss_gradient_reaches_the_routers_without_labels():
@@ -142,15 +208,40 @@ def test_two_sequences_of_one_batch_can_take_different_leaves():
         assert not torch.allclose(logits(model, batch[:1])[0], together[0])
 
 
-def test_sequence_route_pools_only_non_padding_positions():
-    model = trained_looking(tree_model(make_tiny_llama(), depth=4, routing="sequence")).eval()
-    prompt = torch.randint(3, 90, (1, 7))
-    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), prompt], dim=1)
-    mask = torch.cat([torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 7, dtype=torch.long)], dim=1)
-    model.base_model.leaf_routes(prompt)
-    pooled_alone = model.base_model.routing_context.pooled["default"].clone()
-    model.base_model.leaf_routes(padded, attention_mask=mask)
-    torch.testing.assert_close(model.base_model.routing_context.pooled["default"], pooled_alone)
+def _right_padded(prompts: torch.Tensor, pad: int, extra: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    padding = torch.full((prompts.shape[0], extra), pad, dtype=torch.long)
+    mask = torch.cat([torch.ones_like(prompts), torch.zeros_like(padding)], dim=1)
+    return torch.cat([prompts, padding], dim=1), mask
+
+
+def _sequence_leaves(model, input_ids, attention_mask=None) -> list[int]:
+    return model.base_model.leaf_routes(input_ids, attention_mask=attention_mask)["sequence"].tolist()
+
+
+@pytest.fixture
+def sequence_tree():
+    return trained_looking(tree_model(make_tiny_llama(), depth=4, routing="sequence")).eval()
+
+
+@pytest.fixture
+def prompts() -> torch.Tensor:
+    return torch.randint(3, 90, (16, 7), generator=torch.Generator().manual_seed(5))
+
+
+def test_sequence_route_pools_only_the_positions_the_attention_mask_marks(sequence_tree, prompts):
+    padded, mask = _right_padded(prompts, pad=7)
+    assert _sequence_leaves(sequence_tree, padded, mask) == _sequence_leaves(sequence_tree, prompts)
+
+
+def test_sequence_route_without_a_mask_leaves_out_the_models_pad_token(sequence_tree, prompts):
+    pad = sequence_tree.config.pad_token_id
+    padded, _ = _right_padded(prompts, pad=pad)
+    assert _sequence_leaves(sequence_tree, padded) == _sequence_leaves(sequence_tree, prompts)
+
+
+def test_sequence_route_without_a_mask_pools_tokens_that_are_not_the_pad_token(sequence_tree, prompts):
+    padded, _ = _right_padded(prompts, pad=7)  # not the pad id: nothing says it is padding, so it is pooled
+    assert _sequence_leaves(sequence_tree, padded) != _sequence_leaves(sequence_tree, prompts)
 
 
 def test_leaf_routes_reports_each_module_for_token_routing(input_ids):
@@ -181,9 +272,7 @@ def test_several_adapters_can_be_added_switched_and_deleted(input_ids):
     model.set_adapter("other")
     other = logits(model, input_ids)
     assert not torch.allclose(other, first)
-    assert model.base_model.routing_context.hook_handle is not None
     model.delete_adapter("default")
-    assert model.base_model.routing_context.hook_handle is None, "no sequence-routed adapter is left"
     torch.testing.assert_close(logits(model, input_ids), other)
     assert not any(".default" in n for n, _ in model.named_parameters())
 

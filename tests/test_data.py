@@ -7,8 +7,8 @@ import json
 import pytest
 from cli_assets import char_tokenizer
 
-from peft_tree_lora.data import load_corpus, split_by_name, tokenize_blocks
-from peft_tree_lora.errors import TreeLoraUsageError
+from peft_tree_lora.app.data import load_corpus, split_by_name, tokenize_blocks
+from peft_tree_lora.tuner.errors import TreeLoraUsageError
 
 
 def test_jsonl_records_are_read_from_their_text_field(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peft_tree_lora.trainer import TELEMETRY_KEYS
+from peft_tree_lora.integrations.telemetry import TELEMETRY_KEYS
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_ddp.py"
 DDP_FAILURES = ("marked as ready twice", "ready only once", "unused parameters", "Expected to have finished reduction")
@@ -109,21 +109,18 @@ def test_a_hung_rank_makes_the_other_exit_with_an_error_within_ddp_timeout(tmp_p
 
 TELEMETRY_WORKER = """
 import json, os, sys
+from types import SimpleNamespace
 import torch, torch.distributed as dist
-from peft_tree_lora.context import RouteRecord, RoutingContext
-from peft_tree_lora.trainer import RoutingTelemetry
+from peft_tree_lora.integrations.telemetry import RoutingTelemetry
+from peft_tree_lora.tuner.call import RouteRecord, RoutingCall
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-context = RoutingContext()
-context.aux_weights["default"] = (0.5, 0.1)
-context.num_routed_trees["default"] = 1
-record = RouteRecord("layer", "default", torch.tensor([4, 0, 0, 0] if rank == 0 else [0, 0, 0, 4]))
-record.hardening, record.load_balance = torch.tensor(0.8), torch.tensor(0.2)
-record.confidence = torch.tensor(0.1 if rank == 0 else 0.3)
-context.records = {(0, "default"): record}
+leaf = torch.tensor([0, 0, 0, 0] if rank == 0 else [3, 3, 3, 3])
+logits = torch.full((4, 3), 4.0 if rank == 0 else -4.0)
+call = RoutingCall(training=True, records=[RouteRecord("layer", "default", leaf, logits)])
 telemetry = RoutingTelemetry()
-telemetry.add(context, loss=torch.tensor(2.0 if rank == 0 else 3.0), loss_includes_aux=False)
+telemetry.end_call(call, SimpleNamespace(loss=torch.tensor(2.0 if rank == 0 else 3.0)), {})
 figures = telemetry.summary(across_processes=True)
 with open(os.path.join(sys.argv[1], f"rank{rank}.txt"), "w") as out:
     json.dump(figures, out)
@@ -146,5 +143,5 @@ def test_telemetry_is_summed_over_processes(tmp_path):
     assert figures[0] == figures[1]
     assert figures[0]["dead_leaf_share"] == pytest.approx(0.5)
     assert figures[0]["leaf_usage_entropy"] == pytest.approx(0.5)  # two of four leaves, evenly: log 2 / log 4
-    assert figures[0]["router_confidence"] == pytest.approx(0.2)
+    assert figures[0]["router_confidence"] == pytest.approx(float(torch.sigmoid(torch.tensor(4.0)) - 0.5), rel=1e-5)
     assert figures[0]["task_loss"] == pytest.approx(2.5)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from peft import PeftModel
 
-from peft_tree_lora.cli import main
-from peft_tree_lora.data import HELD_OUT_PERCENT
-from peft_tree_lora.embedded import embedded_corpus, embedded_model_dir, load_embedded_model
+from peft_tree_lora.app.cli import main
+from peft_tree_lora.app.data import HELD_OUT_PERCENT
+from peft_tree_lora.app.embedded import embedded_corpus, embedded_model_dir, load_embedded_model
 
 
 def test_embedded_corpus_mixes_python_docs_and_shakespeare_with_a_fixed_held_out_split():

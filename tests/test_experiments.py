@@ -11,7 +11,7 @@ from conftest import make_tiny_llama
 from peft import get_peft_model
 
 from peft_tree_lora import TreeLoraConfig
-from peft_tree_lora.cli import main as cli_main
+from peft_tree_lora.app.cli import main as cli_main
 from peft_tree_lora.experiments.facts import (
     ATTRIBUTES,
     TEMPLATES,

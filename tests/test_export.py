@@ -20,14 +20,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from peft_tree_lora import TreeLoraLinear, TreeLoraSequenceRouter
-from peft_tree_lora.errors import TreeLoraUsageError
-from peft_tree_lora.export import (
+from peft_tree_lora.integrations.export import (
     configure_parser,
     export_leaf,
     export_leaves,
     route_from_embeddings,
     run,
 )
+from peft_tree_lora.tuner.errors import TreeLoraUsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 

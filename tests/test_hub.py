@@ -25,9 +25,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from peft_tree_lora import TreeLoraConfig
-from peft_tree_lora.errors import TreeLoraUsageError
-from peft_tree_lora.export import export_leaf
-from peft_tree_lora.hub import from_pretrained, summarize_adapter
+from peft_tree_lora.integrations.export import export_leaf
+from peft_tree_lora.integrations.hub import from_pretrained, save_pretrained, summarize_adapter
+from peft_tree_lora.tuner.errors import TreeLoraUsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = torch.randint(3, 90, (3, 10), generator=torch.Generator().manual_seed(7))
@@ -40,8 +40,8 @@ from huggingface_hub import HfApi
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 import peft_tree_lora
-from peft_tree_lora.errors import TreeLoraUsageError
-from peft_tree_lora.hub import push_to_hub
+from peft_tree_lora.tuner.errors import TreeLoraUsageError
+from peft_tree_lora.integrations.hub import push_to_hub
 
 paths = json.loads(sys.argv[1])
 def tree(adapter):
@@ -98,8 +98,8 @@ outputs = {"leaf": run(PeftModel.from_pretrained(base(), "tester/tree-leaf"))}
 report = {"errors": {}, "peft_tree_lora_imported_for_leaf": "peft_tree_lora" in sys.modules}
 
 import peft_tree_lora
-from peft_tree_lora.errors import TreeLoraUsageError
-from peft_tree_lora.hub import from_pretrained
+from peft_tree_lora.tuner.errors import TreeLoraUsageError
+from peft_tree_lora.integrations.hub import from_pretrained
 
 outputs.update({
     "peft": run(PeftModel.from_pretrained(base(), "tester/tree")),
@@ -259,7 +259,7 @@ def test_card_base_model_is_a_hub_id_or_absent_never_a_local_path(hub, published
     assert not [tag for tag in pushed.data.tags if tag.startswith("base_model:")]
     model = tree_model(make_tiny_llama(), depth=1)
     model.peft_config["default"].base_model_name_or_path = "HuggingFaceTB/SmolLM2-135M"
-    model.save_pretrained(tmp_path, save_embedding_layers=False)  # "auto" would look the base up on the Hub
+    save_pretrained(model, tmp_path, save_embedding_layers=False)  # "auto" would look the base up on the Hub
     saved = ModelCard.load(tmp_path / "README.md")
     assert saved.data.base_model == "HuggingFaceTB/SmolLM2-135M"
     assert "base_model:adapter:HuggingFaceTB/SmolLM2-135M" in saved.data.tags
@@ -268,7 +268,7 @@ def test_card_base_model_is_a_hub_id_or_absent_never_a_local_path(hub, published
 @pytest.mark.parametrize("routing", ["token", "sequence"])
 def test_saved_card_counts_equal_parameter_counts(routing, tmp_path):
     model = tree_model(make_tiny_llama(), depth=3, routing=routing, target_modules=["q_proj", "v_proj"])
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     counts = model.base_model.parameter_counts()
     summary = summarize_adapter(tmp_path)
     assert (summary.total_parameters, summary.active_per_token) == (counts["total"], counts["active_per_token"])
@@ -279,11 +279,11 @@ def test_saved_card_counts_equal_parameter_counts(routing, tmp_path):
 
 def test_saving_again_replaces_the_tree_section_and_keeps_the_rest(tmp_path):
     model = tree_model(make_tiny_llama(), depth=1)
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     readme = tmp_path / "README.md"
     readme.write_text(readme.read_text() + "\n## Evaluation\n\nMy numbers.\n")
     bigger = tree_model(make_tiny_llama(), depth=2)
-    bigger.save_pretrained(tmp_path)
+    save_pretrained(bigger, tmp_path)
     text = readme.read_text()
     assert "My numbers." in text
     assert text.count("<!-- BEGIN peft-tree-lora -->") == 1
@@ -293,7 +293,7 @@ def test_saving_again_replaces_the_tree_section_and_keeps_the_rest(tmp_path):
 def test_each_saved_adapter_gets_its_own_section(tmp_path):
     model = tree_model(make_tiny_llama(), depth=1)
     model.add_adapter("other", TreeLoraConfig(depth=2, r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     text = (tmp_path / "README.md").read_text()
     assert "<!-- BEGIN peft-tree-lora -->" in text and "<!-- BEGIN peft-tree-lora other -->" in text
     assert f'from_pretrained("{tmp_path}", subfolder="other")' in text

@@ -204,7 +204,7 @@ def test_invalid_config_value_in_a_saved_adapter_names_the_field(base_dir, tmp_p
     config = json.loads(config_file.read_text())
     config["routing"] = "layer"
     config_file.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"TreeLoraConfig.routing must be one of \['token', 'sequence'\]"):
+    with pytest.raises(ValueError, match=r"TreeLoraConfig.routing must be one of \['token', 'block', 'sequence'\]"):
         PeftModel.from_pretrained(load_base(base_dir), tmp_path)
 
 

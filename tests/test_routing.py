@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from peft_tree_lora.routing import descend, descend_logits, hardening_loss, load_balance_loss, path_probs
+from peft_tree_lora.tuner.routing import descend, descend_logits, hardening_loss, load_balance_loss, path_probs
 
 DEPTHS = [1, 2, 4, 7]
 

@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftModel
 from transformers import TrainerCallback
 
 from peft_tree_lora import TreeLoraConfig
-from peft_tree_lora.runner import RUN_FILE, RunResult, TrainSettings, run_training
+from peft_tree_lora.app.runner import RUN_FILE, RunResult, TrainSettings, run_training
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

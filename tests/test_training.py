@@ -18,9 +18,9 @@ from peft.utils.error import NoMatchingPeftModuleError
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from peft_tree_lora import RoutingTelemetryCallback, TreeLoraConfig, routing_telemetry
-from peft_tree_lora.context import RouteRecord, RoutingContext
-from peft_tree_lora.errors import TreeLoraUsageError
-from peft_tree_lora.trainer import TELEMETRY_KEYS, RoutingTelemetry, check_distributed_checkpointing
+from peft_tree_lora.integrations.telemetry import TELEMETRY_KEYS, RoutingTelemetry, check_distributed_checkpointing
+from peft_tree_lora.tuner.call import RouteRecord, RoutingCall
+from peft_tree_lora.tuner.errors import TreeLoraUsageError
 
 
 def tree_config(**overrides) -> TreeLoraConfig:
@@ -178,8 +178,9 @@ def telemetry_run(tmp_path_factory):
         model=model,
         args=training_args(tmp_path_factory.mktemp("telemetry"), max_steps=2, logging_steps=1),
         train_dataset=token_dataset(),
-        callbacks=[reporter, RoutingTelemetryCallback()],
+        callbacks=[reporter],
     )
+    RoutingTelemetryCallback.install(trainer)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):  # disable_tqdm: the Trainer prints each log record
         trainer.train()
@@ -253,54 +254,67 @@ def test_telemetry_shows_a_collapse_in_the_window_where_it_happens(routing, tmp_
         assert after["router_confidence"] > 0.49
 
 
-def test_telemetry_summarises_leaf_usage_over_every_forward_pass_of_the_window():
-    context = RoutingContext()
-    context.aux_weights["default"] = (0.5, 0.1)
-    context.num_routed_trees["default"] = 1
+def _call_with_record(leaf: list[int], logits: torch.Tensor, aux: float) -> RoutingCall:
+    call = RoutingCall(training=True, records=[RouteRecord("layer", "default", torch.tensor(leaf), logits)])
+    call.aux_losses.append(torch.tensor(aux))
+    return call
+
+
+def test_telemetry_summarises_leaf_usage_over_every_call_of_the_window():
     telemetry = RoutingTelemetry()
-    for counts, confidence in (([3, 1, 0, 0], 0.1), ([0, 0, 0, 4], 0.3)):
-        context.records = {
-            (0, "default"): RouteRecord(
-                "layer",
-                "default",
-                torch.tensor(counts),
-                torch.tensor(0.8),
-                torch.tensor(0.2),
-                torch.tensor(confidence),
-            )
-        }
-        telemetry.add(context, loss=torch.tensor(2.0), loss_includes_aux=True)
+    sure = torch.full((4, 3), 4.0)  # every router at p = sigmoid(4)
+    for leaf in ([0, 0, 0, 1], [3, 3, 3, 3]):
+        telemetry.end_call(_call_with_record(leaf, sure, aux=0.25), SimpleNamespace(loss=torch.tensor(2.0)), {})
     figures = telemetry.summary()
 
     usage = torch.tensor([3, 1, 0, 4], dtype=torch.float64) / 8
     entropy = -(usage[usage > 0] * usage[usage > 0].log()).sum() / math.log(4)
+    p = torch.sigmoid(torch.tensor(4.0))
     assert figures["leaf_usage_entropy"] == pytest.approx(float(entropy))
     assert figures["dead_leaf_share"] == pytest.approx(0.25)
-    assert figures["router_confidence"] == pytest.approx(0.2)
-    assert figures["aux_hardening"] == pytest.approx(0.8)
-    assert figures["aux_load_balance"] == pytest.approx(0.2)
-    assert figures["aux_loss"] == pytest.approx(0.5 * 0.8 + 0.1 * 0.2)
-    assert figures["task_loss"] == pytest.approx(2.0 - (0.5 * 0.8 + 0.1 * 0.2))
+    assert figures["router_confidence"] == pytest.approx(float(p - 0.5), rel=1e-5)
+    bits = float(-(p * p.log() + (1 - p) * (1 - p).log()) / math.log(2))
+    assert figures["aux_hardening"] == pytest.approx(bits, rel=1e-4)
+    assert figures["aux_loss"] == pytest.approx(0.25)
+    assert figures["task_loss"] == pytest.approx(2.0)
 
 
-def test_routing_telemetry_reports_the_last_forward_pass_of_a_custom_loop(input_ids):
+def test_telemetry_leaves_out_calls_made_in_evaluation_mode():
+    telemetry = RoutingTelemetry()
+    call = _call_with_record([0, 1], torch.zeros(2, 3), aux=0.0)
+    call.training = False
+    telemetry.end_call(call, SimpleNamespace(loss=torch.tensor(1.0)), {})
+    assert telemetry.summary() == {}
+
+
+def test_routing_telemetry_adds_up_the_training_calls_of_a_custom_loop(input_ids):
     base = make_tiny_llama()
     with torch.no_grad():
         base_loss = float(base(input_ids=input_ids, labels=input_ids).loss)
     model = get_peft_model(base, tree_config())  # B = 0: the task loss is the base model's loss
     model.train()
-    outputs = model(input_ids=input_ids, labels=input_ids)
-    figures = routing_telemetry(model, loss=outputs.loss)
+    with routing_telemetry(model) as telemetry:
+        outputs = model(input_ids=input_ids, labels=input_ids)
+    figures = telemetry.summary()
 
     assert tuple(figures) == TELEMETRY_KEYS
     assert figures["task_loss"] == pytest.approx(base_loss, rel=1e-5)
-    assert figures["aux_loss"] == pytest.approx(model.base_model.auxiliary_losses()["total"], rel=1e-6)
+    assert figures["aux_loss"] == pytest.approx(float(outputs.aux_loss), rel=1e-6)
     assert float(outputs.loss.detach()) == pytest.approx(figures["task_loss"] + figures["aux_loss"], rel=1e-6)
 
 
+def test_no_routes_are_recorded_outside_a_recording(input_ids):
+    model = get_peft_model(make_tiny_llama(), tree_config()).train()
+    with routing_telemetry(model) as telemetry:
+        pass
+    model(input_ids=input_ids, labels=input_ids)
+    assert telemetry.summary() == {}
+
+
 def test_routing_telemetry_refuses_a_model_without_tree_lora():
-    with pytest.raises(TreeLoraUsageError, match="no TreeLoRA layers.*get_peft_model"):
-        routing_telemetry(make_tiny_llama())
+    with pytest.raises(TreeLoraUsageError, match="no TreeLoRA adapter.*get_peft_model"):
+        with routing_telemetry(make_tiny_llama()):
+            pass
 
 
 # --- 3. gradient checkpointing ---------------------------------------------------------------------------------------
@@ -324,7 +338,7 @@ def adapter_gradients(routing: str, use_reentrant: bool | None) -> tuple[dict[st
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non_reentrant"])
-@pytest.mark.parametrize("routing", ["token", "sequence"])
+@pytest.mark.parametrize("routing", ["token", "block", "sequence"])
 def test_gradient_checkpointing_gives_the_same_adapter_gradients(routing, use_reentrant):
     expected, plain_calls = adapter_gradients(routing, None)
     grads, checkpointed_calls = adapter_gradients(routing, use_reentrant)

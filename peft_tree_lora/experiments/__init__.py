@@ -1,6 +1,6 @@
 """`tree-lora experiment saturation | facts`: the two reproducible studies behind docs/RESULTS.md.
 
-Both train through `peft_tree_lora.runner.run_training` (the HF Trainer), write a JSON file and a PNG plot into the
+Both train through `peft_tree_lora.app.runner.run_training` (the HF Trainer), write a JSON file and a PNG plot into the
 output folder (default `docs/`), and then rewrite `RESULTS.md` there from every study result present."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 import typing
 from pathlib import Path
 
-from ..errors import TreeLoraUsageError
+from ..tuner.errors import TreeLoraUsageError
 from .common import DOCS_DIR
 
 STUDIES = ("saturation", "facts")

@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig, PeftConfig
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ..config import TreeLoraConfig
+from ..tuner.config import TreeLoraConfig
 
 DOCS_DIR = Path("docs")
 

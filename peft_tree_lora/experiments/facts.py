@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from ..errors import TreeLoraUsageError
-from ..model import TreeLoraModel
-from ..runner import TrainSettings, run_training
+from ..app.runner import TrainSettings, run_training
+from ..tuner.errors import TreeLoraUsageError
+from ..tuner.model import TreeLoraModel
 from .common import DOCS_DIR, adapter_arms, command_line, read_json, tiny_llama, versions, write_json
 
 RESULT_FILE = "facts.json"

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from ..data import load_corpus, tokenize_blocks
-from ..errors import TreeLoraUsageError
-from ..runner import RunResult, TrainSettings, run_training
+from ..app.data import load_corpus, tokenize_blocks
+from ..app.runner import RunResult, TrainSettings, run_training
+from ..tuner.errors import TreeLoraUsageError
 from .common import DOCS_DIR, ByteTokenizer, adapter_arms, command_line, tiny_llama, versions, write_json
 
 RESULT_FILE = "saturation.json"

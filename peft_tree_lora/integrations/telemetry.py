@@ -2,15 +2,16 @@
 it) and a plain function for custom loops.
 
 A tree collapses quietly: the loss keeps falling while most tokens end up in a few leaves and the other leaves stop
-learning. The numbers that show it are per forward pass (`RoutingContext.records`), so the callback adds them up over
-every training forward pass between two logging steps and puts the totals into the Trainer's own log record, which
-`log_history`, the progress bar and the `report_to` backends all read.
+learning. The numbers that show it are per call, and computing them costs time, so they are opt-in: a
+`RoutingTelemetry` is a recorder (`TreeLoraModel.recording`) that adds up the routes of every training call between
+two logging steps, and the callback puts the totals into the Trainer's own log record.
 
 Logged keys (all floats):
 
 - `task_loss`: the model's loss without the router losses (mean over the window's label tokens).
-- `aux_loss`: the weighted router losses that were added to the loss; `aux_hardening` (mean router entropy, bits)
-  and `aux_load_balance` (KL of mean soft leaf usage from uniform), both averaged over trees, unweighted.
+- `aux_loss`: the weighted router losses that were added to the loss (summed over trees); `aux_hardening` (mean
+  router entropy, bits) and `aux_load_balance` (KL of mean soft leaf usage from uniform), averaged over trees,
+  unweighted.
 - `leaf_usage_entropy`: entropy of the hard leaf choices counted over the window, divided by `log(2**depth)`, averaged
   over trees: 1 when every leaf gets the same traffic, 0 when one leaf gets all of it.
 - `dead_leaf_share`: share of leaves (over all trees) that no token or sequence chose in the window.
@@ -19,21 +20,24 @@ Logged keys (all floats):
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from transformers import TrainerCallback
-from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
+from transformers.trainer_callback import DefaultFlowCallback
 
-from .context import RouteRecord, RoutingContext
-from .errors import TreeLoraUsageError
-from .layer import TreeLoraLayer
-from .model import TreeLoraModel
+from ..tuner.call import RoutingCall
+from ..tuner.errors import TreeLoraUsageError
+from ..tuner.layer import TreeLoraLayer
+from ..tuner.model import TreeLoraModel
+from ..tuner.routing import hardening_loss, load_balance_loss, path_probs
+from ..tuner.sequence_router import TreeLoraSequenceRouter
 
 TELEMETRY_KEYS = (
     "task_loss",
@@ -45,26 +49,27 @@ TELEMETRY_KEYS = (
     "router_confidence",
 )
 
-# scalar sums kept per window, in this order, each with its denominator (forward passes, or label tokens for the loss)
+# scalar sums kept per window, in this order, each with its denominator (calls, or label tokens for the loss)
 _SUMS = ("task_loss", "aux_loss", "aux_hardening", "aux_load_balance", "router_confidence")
 
 
-def find_routing_context(model: nn.Module) -> RoutingContext:
-    """The routing context of a model holding TreeLoRA layers (a PeftModel, its tuner, or a DDP/accelerate wrapper)."""
+def find_tree_tuner(model: nn.Module) -> TreeLoraModel:
+    """The TreeLoRA tuner inside `model` (a PeftModel, the tuner itself, or a DDP/accelerate wrapper of either)."""
     for module in model.modules():
-        if isinstance(module, TreeLoraLayer):
-            return module.routing_context
+        if isinstance(module, TreeLoraModel):
+            return module
     raise TreeLoraUsageError(
-        f"{type(model).__name__} has no TreeLoRA layers; routing telemetry needs a model made with "
+        f"{type(model).__name__} has no TreeLoRA adapter; routing telemetry needs a model made with "
         "get_peft_model(base, TreeLoraConfig(...)) (or a Trainer/SFTTrainer given peft_config=TreeLoraConfig(...))."
     )
 
 
 class RoutingTelemetry:
-    """Adds up the routing records of many forward passes and summarises them (see the module docstring for keys).
+    """A route recorder that adds up the training calls of a window (see the module docstring for the keys).
 
     Leaf counts are summed per tree over the window, so the entropy and the dead-leaf share describe the whole window
-    rather than the last batch; loss and router terms are means over the forward passes of the window.
+    rather than the last batch; loss and router terms are means over the training calls of the window. Calls in
+    evaluation mode are not counted.
     """
 
     def __init__(self) -> None:
@@ -78,48 +83,45 @@ class RoutingTelemetry:
     def __bool__(self) -> bool:
         return bool(self.leaf_counts)
 
-    def add(
-        self,
-        context: RoutingContext,
-        loss: torch.Tensor | None = None,
-        loss_includes_aux: bool = True,
-        labels: torch.Tensor | None = None,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> None:
-        """Add the records of the forward pass that just ran.
+    def end_call(self, call: RoutingCall, outputs: Any, kwargs: dict[str, Any]) -> None:
+        """Add one finished call: its routes, its router losses and (from `outputs.loss`) its task loss.
 
-        `loss` is the loss it returned; when it includes the router losses (training mode with labels) they are taken
-        out to give `task_loss`. With `labels`, `task_loss` is a mean over label tokens: the Trainer divides each
-        micro-batch's summed loss by `num_items_in_batch`, the label tokens of the whole step on every process, so
-        the loss is scaled back to this batch's own tokens before averaging.
-        """
-        soft_records = [r for r in context.records.values() if r.hardening is not None]
-        if not soft_records:
+        With `labels`, `task_loss` is a mean over label tokens: the Trainer divides each micro-batch's summed loss by
+        `num_items_in_batch`, the label tokens of the whole step on every process, so the loss is scaled back to this
+        batch's own tokens before averaging."""
+        trained = [r for r in call.records or () if r.logits is not None]
+        if not call.training or not trained:
             return
-        for record in soft_records:
+        hardening, balance, confidence = [], [], []
+        for record in trained:
             key = (record.module_name, record.adapter)
-            counts = record.leaf_counts.detach()
+            logits = record.logits.float().reshape(-1, record.logits.shape[-1])
+            depth = int(math.log2(logits.shape[-1] + 1))
+            counts = torch.bincount(record.leaf.reshape(-1), minlength=2**depth)
             previous = self.leaf_counts.get(key)
             self.leaf_counts[key] = counts.clone() if previous is None else previous + counts
-        aux = context.auxiliary_losses()
-        self._add("aux_loss", aux["total"])
-        self._add("aux_hardening", aux["hardening"])
-        self._add("aux_load_balance", aux["load_balance"])
-        self._add("router_confidence", torch.stack([_confidence(r) for r in soft_records]).mean())
+            hardening.append(hardening_loss(logits))
+            balance.append(load_balance_loss(path_probs(torch.sigmoid(logits), depth)))
+            confidence.append((torch.sigmoid(logits) - 0.5).abs().mean())
+        aux = call.aux_total()
+        aux = torch.zeros(()) if aux is None else aux.float()
+        self._add("aux_loss", aux)
+        self._add("aux_hardening", torch.stack(hardening).mean())
+        self._add("aux_load_balance", torch.stack(balance).mean())
+        self._add("router_confidence", torch.stack(confidence).mean())
+        loss = getattr(outputs, "loss", None)
         if loss is None:
             return
+        labels = kwargs.get("labels")
         task_loss = loss.detach().float().reshape(())
-        if loss_includes_aux:
-            task_loss = task_loss - aux["total"].to(task_loss)
-        if labels is None:
-            self._add("task_loss", task_loss)
-            return
-        tokens = (labels[..., 1:] != -100).sum().to(task_loss)
-        if num_items_in_batch is not None:
-            summed = task_loss * torch.as_tensor(num_items_in_batch).to(task_loss)
+        if torch.is_tensor(labels):
+            task_loss = task_loss - aux.to(task_loss)
+            tokens = (labels[..., 1:] != -100).sum().to(task_loss)
+            items = kwargs.get("num_items_in_batch")
+            summed = task_loss * (torch.as_tensor(items).to(task_loss) if items is not None else tokens)
+            self._add("task_loss", summed, weight=tokens)
         else:
-            summed = task_loss * tokens
-        self._add("task_loss", summed, weight=tokens)
+            self._add("task_loss", task_loss)
 
     def _add(self, name: str, value: torch.Tensor, weight: torch.Tensor | float = 1.0) -> None:
         """Add `value` to the running sum of `name` and `weight` to its denominator."""
@@ -199,7 +201,7 @@ def check_distributed_checkpointing(args: Any, model: nn.Module) -> None:
             "ddp_find_unused_parameters=False (soft routing uses every leaf and router in every step; the Trainer "
             "turns the search on for PEFT models by default)"
         )
-    if find_routing_context(model).sequence_router is not None and not args.ddp_static_graph:
+    if _has_sequence_router(model) and not args.ddp_static_graph:
         fixes.append("ddp_static_graph=True (every layer reuses the sequence router)")
     if fixes:
         raise TreeLoraUsageError(
@@ -216,49 +218,58 @@ def _uses_reentrant_checkpointing(model: nn.Module) -> bool:
     return False
 
 
-def _confidence(record: RouteRecord) -> torch.Tensor:
-    return record.confidence.detach().float().reshape(())
+def _has_sequence_router(model: nn.Module) -> bool:
+    return any(isinstance(m, TreeLoraSequenceRouter) for m in model.modules())
 
 
-def routing_telemetry(model: nn.Module, loss: torch.Tensor | None = None) -> dict[str, float]:
-    """Telemetry of the last forward pass of `model`, for custom training loops.
+@contextmanager
+def routing_telemetry(model: nn.Module) -> Iterator[RoutingTelemetry]:
+    """Collect routing telemetry over the training calls made inside the block, for custom training loops:
 
-    Pass `loss=outputs.loss` to get `task_loss` too (the router losses the model added in training are taken out).
-    Returns `{}` before the first training (soft) forward pass. To follow a window of several steps, use
-    `RoutingTelemetry`: call `add(find_routing_context(model), outputs.loss)` after each forward pass and
-    `summary()` when you log.
+    with routing_telemetry(model) as telemetry:
+        for batch in batches:
+            model(**batch).loss.backward(); ...
+    print(telemetry.summary())
     """
-    telemetry = RoutingTelemetry()
-    telemetry.add(find_routing_context(model), loss, loss_includes_aux=model.training)
-    return telemetry.summary()
+    with find_tree_tuner(model).recording(RoutingTelemetry()) as telemetry:
+        yield telemetry
 
 
 class RoutingTelemetryCallback(TrainerCallback):
     """Adds routing telemetry (`TELEMETRY_KEYS`) to every training log record of a `Trainer` or trl trainer.
 
-    Usage: `Trainer(..., callbacks=[RoutingTelemetryCallback()])` or `trainer.add_callback(...)`. Each logging step
-    gets the figures of every training forward pass since the previous logging step, summed over all processes in
-    distributed training.
+    Usage: `Trainer(..., callbacks=[RoutingTelemetryCallback()])`, or `RoutingTelemetryCallback.install(trainer)`.
+    Each logging step gets the figures of every training call since the previous logging step, summed over all
+    processes in distributed training.
 
-    Why it reorders itself: the Trainer appends a log record to `state.log_history` before it calls any callback's
-    `on_log`, and it calls callbacks in list order, with the `report_to` integrations ahead of user callbacks. Added
-    at the end, the figures would reach the progress bar but neither the reporters nor `log_history`. So when training
-    begins the callback moves itself to run right after `DefaultFlowCallback`, and it also completes the record already
-    in `log_history`.
+    The Trainer calls its callbacks in list order, with the `report_to` integrations ahead of the callbacks given to
+    it, and copies each log record into `state.log_history` before any callback runs. The callback completes that
+    copy too, and the progress bar (added last) shows the figures; for the `report_to` backends to receive them, let
+    `install(trainer)` put the callback ahead of them.
     """
 
     def __init__(self) -> None:
         self.telemetry = RoutingTelemetry()
-        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._tuner: TreeLoraModel | None = None
+
+    @classmethod
+    def install(cls, trainer: Any) -> RoutingTelemetryCallback:
+        """Add a new callback to `trainer`, right after its `DefaultFlowCallback` (ahead of the reporters)."""
+        callback = cls()
+        callbacks = trainer.callback_handler.callbacks
+        position = next((i + 1 for i, c in enumerate(callbacks) if isinstance(c, DefaultFlowCallback)), 0)
+        callbacks.insert(position, callback)
+        return callback
 
     def on_train_begin(self, args, state, control, model: nn.Module | None = None, **kwargs: Any) -> None:
-        self._run_ahead_of_reporters()
         if model is None:
             return
         check_distributed_checkpointing(args, model)
-        tuner = next((m for m in model.modules() if isinstance(m, TreeLoraModel)), None)
-        if tuner is None:
-            find_routing_context(model)  # raises the usage error when there is no TreeLoRA at all
+        try:
+            tuner = find_tree_tuner(model)
+        except TreeLoraUsageError:
+            if not any(isinstance(m, TreeLoraLayer) for m in model.modules()):
+                raise
             warnings.warn(
                 "RoutingTelemetryCallback needs the model wrapped by PEFT (get_peft_model or "
                 "PeftModel.from_pretrained); this model holds TreeLoRA layers without a PeftModel around them, so no "
@@ -266,21 +277,9 @@ class RoutingTelemetryCallback(TrainerCallback):
                 stacklevel=2,
             )
             return
-        self._remove_hook()
         self.telemetry.reset()
-        self._hook = tuner.register_forward_hook(self._after_forward, with_kwargs=True)
-
-    def _after_forward(self, module: TreeLoraModel, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
-        if not module.training:
-            return
-        labels = kwargs.get("labels")
-        self.telemetry.add(
-            module.routing_context,
-            loss=getattr(output, "loss", None),
-            loss_includes_aux=labels is not None,
-            labels=labels if torch.is_tensor(labels) else None,
-            num_items_in_batch=kwargs.get("num_items_in_batch"),
-        )
+        self._tuner = tuner
+        tuner.start_recording(self.telemetry)
 
     def on_log(self, args, state, control, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         if logs is None or "loss" not in logs:  # evaluation and end-of-training summaries
@@ -295,35 +294,6 @@ class RoutingTelemetryCallback(TrainerCallback):
             last.update(figures)
 
     def on_train_end(self, args, state, control, **kwargs: Any) -> None:
-        self._remove_hook()
-
-    def _remove_hook(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
-    def _run_ahead_of_reporters(self) -> None:
-        """Move this callback right after `DefaultFlowCallback` in the handler that is calling it.
-
-        The handler is the `self` of the frame that called this event (`CallbackHandler.call_event`). A new list is
-        assigned rather than the old one edited, so the loop that is running now is not disturbed.
-        """
-        frame = inspect.currentframe()
-        handler = None
-        try:
-            caller = frame.f_back if frame is not None else None
-            for _ in range(4):  # on_train_begin <- call_event <- CallbackHandler.on_train_begin
-                if caller is None:
-                    break
-                candidate = caller.f_locals.get("self")
-                if isinstance(candidate, CallbackHandler):
-                    handler = candidate
-                    break
-                caller = caller.f_back
-        finally:
-            del frame
-        if handler is None or not any(c is self for c in handler.callbacks):
-            return
-        others = [c for c in handler.callbacks if c is not self]
-        position = next((i + 1 for i, c in enumerate(others) if isinstance(c, DefaultFlowCallback)), 0)
-        handler.callbacks = others[:position] + [self] + others[position:]
+        if self._tuner is not None:
+            self._tuner.stop_recording()
+            self._tuner = None

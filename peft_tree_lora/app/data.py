@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .errors import TreeLoraUsageError
+from ..tuner.errors import TreeLoraUsageError
 
 EMBEDDED = "embedded"
 HELD_OUT_PERCENT = 5  # share of documents (by a stable hash of their name) kept out of training

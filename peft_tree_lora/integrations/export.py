@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import TreeLoraUsageError
+from ..tuner.errors import TreeLoraUsageError
+from ..tuner.router import TreeRouter
+from ..tuner.sequence_router import pooled_prefix
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -87,8 +89,8 @@ def _read_model(model: PeftModel, adapter_name: str | None) -> TreeWeights:
     from peft.utils import get_peft_model_state_dict
     from transformers.pytorch_utils import Conv1D
 
-    from .layer import TreeLoraLinear
-    from .model import TreeLoraModel
+    from ..tuner.layer import TreeLoraLinear
+    from ..tuner.model import TreeLoraModel
 
     if not isinstance(model.base_model, TreeLoraModel):
         raise TreeLoraUsageError(
@@ -239,10 +241,15 @@ def _write_router(tree: TreeWeights, directory: Path, leaves: list[str]) -> None
         "leaves": leaves,
         "base_model_name_or_path": tree.config.get("base_model_name_or_path"),
         "weights": None,
+        "input_norm": bool(tree.config.get("router_input_norm", False)),
+        "route_tokens": tree.config.get("sequence_route_tokens"),
         "route": {
             "input": "the output of the base model's input embedding module (model.get_input_embeddings()) for the "
             "prompt's token ids: (tokens, hidden_size)",
-            "pooling": "mean over the positions where attention_mask is 1 (every position when there is no mask)",
+            "pooling": "mean over the positions where attention_mask is 1 (every position when there is no mask), "
+            "keeping only the first route_tokens such positions when route_tokens is not null",
+            "normalisation": "when input_norm is true, divide the pooled vector by its root mean square "
+            "(sqrt(mean(pooled**2) + 1e-6)) before the decisions",
             "nodes": "heap order: the root is node 0; node n has its left child at 2n+1 and its right child at 2n+2",
             "decision": "logit[n] = weight[n] . pooled + bias[n], computed in the router's dtype; go right when "
             "logit[n] >= 0, left otherwise; start at the root and take depth decisions",
@@ -307,24 +314,16 @@ def route_from_embeddings(
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The leaf (`batch,` int64) that `router.json` prescribes for token embeddings `embeds` (`batch, tokens,
-    hidden`): a plain implementation of the recipe in the JSON, for servers and for checking it."""
+    hidden`), computed by the tuner's own router, for checking an export against the recipe."""
     if spec["depth"] == 0:
         return torch.zeros(embeds.shape[0], dtype=torch.long)
-    weight, bias = router["weight"], router["bias"]
-    if attention_mask is None:
-        pooled = embeds.mean(dim=1)
-    else:
-        mask = attention_mask.to(embeds.dtype).unsqueeze(-1)
-        pooled = (embeds * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
-    logits = pooled.to(weight.dtype) @ weight.T + bias
-    node = torch.zeros(embeds.shape[0], dtype=torch.long)
-    for _ in range(spec["depth"]):
-        right = logits.gather(1, node.unsqueeze(1)).squeeze(1) >= 0
-        node = 2 * node + 1 + right.long()
-    return node - (spec["num_leaves"] - 1)
+    tree_router = TreeRouter(router["weight"].shape[1], spec["depth"], input_norm=spec.get("input_norm", False))
+    tree_router.load_state_dict({"weight": router["weight"], "bias": router["bias"]})
+    mask = None if attention_mask is None else attention_mask.bool()
+    return tree_router.leaf(pooled_prefix(embeds, mask, spec.get("route_tokens")))
 
 
-# --- command line (registered by peft_tree_lora.cli as `tree-lora export`) ------------------------------------
+# --- command line (registered by peft_tree_lora.app.cli as `tree-lora export`) ------------------------------------
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

@@ -17,9 +17,11 @@ from .checkpoint import WeightsSource
 # send enough tokens to each leaf to train it.
 MAX_DEPTH = 10
 
-ROUTING_MODES = ("token", "sequence")
+ROUTING_MODES = ("token", "block", "sequence")
+TRAINING_ROUTING_MODES = ("hard", "switch", "soft")
 INFERENCE_ROUTING_MODES = ("hard", "soft")
 ROUTER_INITS = ("random", "zeros")
+LOAD_BALANCE_LOSSES = ("kl", "switch")
 
 
 @dataclass
@@ -28,7 +30,8 @@ class TreeLoraConfig(PeftConfig):
 
     Each target module gets `2**depth` LoRA leaves of rank `r` and `2**depth - 1` routers in heap order (the
     children of node `n` are `2n+1` on the left, taken when `p < 0.5`, and `2n+2` on the right). Training mixes the
-    leaves by their path probabilities; evaluation descends the tree and applies a single leaf.
+    default training (`training_routing="hard"`) computes what evaluation serves: each token (or sequence) descends
+    the tree and applies one leaf.
 
     Args:
         depth: Depth of the tree. `0` is exactly one LoRA; `d` gives `2**d` leaves. At most `MAX_DEPTH` (10).
@@ -41,17 +44,32 @@ class TreeLoraConfig(PeftConfig):
         layers_to_transform / layers_pattern: Restrict the adapter to some layer indices, as in LoRA.
         modules_to_save: Extra modules trained and saved in full (e.g. a classification head).
         bias: Only `"none"` is supported: TreeLoRA never trains biases.
-        routing: `"token"`: every target module routes each token by its own input. `"sequence"`: one leaf per
-            sequence, chosen once from the mean of its input token embeddings and shared by every target module;
-            in `generate()` the leaf chosen from the prompt holds for every new token.
-        inference_routing: `"hard"` (default) applies one leaf at evaluation; `"soft"` mixes all leaves as in
-            training (slower; useful to measure the gap between the two).
+        routing: Where a module's route comes from. `"token"`: every target module routes each token by its own
+            input. `"block"`: one router per transformer block, on the block's first target module, routes each
+            token for every target module of the block (a leaf index is one expert across the block). `"sequence"`:
+            one leaf per sequence, chosen once from the mean of its input token embeddings and shared by every
+            target module; in `generate()` the leaf chosen from the prompt holds for every new token of that call.
+        training_routing: How training applies the leaves. `"hard"` (default): the forward pass is the one that is
+            served (one leaf per token or sequence, only that leaf learns from it), and the routers learn through a
+            straight-through estimate of the soft mix. `"switch"`: the chosen leaf scaled by its path probability,
+            in training and serving (Switch Transformer's top-1 gate; training computes one leaf, not all).
+            `"soft"`: every leaf mixed by its path probability (served with one leaf: kept to measure that gap).
+        inference_routing: `"hard"` (default) serves one leaf at evaluation; `"soft"` mixes all leaves (slower;
+            useful to measure the gap between the two).
+        router_input_norm: The routers read their input divided by its RMS (no parameters), so that their logits do
+            not depend on the scale of the layer's activations.
         router_init: `"random"` draws router weights from N(0, (router_init_scale / sqrt(in_features))**2) so that
-            tokens spread over the leaves from the start; `"zeros"` starts every router at p = 0.5.
+            tokens spread over the leaves from the start (with `router_input_norm`, logits of spread about
+            `router_init_scale`); `"zeros"` starts every router at p = 0.5.
         router_init_scale: Scale of the random router initialisation.
-        hardening_loss_weight: Weight of the mean Bernoulli entropy of the router decisions (in bits), which
-            pushes every `p` towards 0 or 1 so that hard inference matches soft training.
-        load_balance_loss_weight: Weight of KL(mean leaf usage || uniform), smallest when leaves are used evenly.
+        hardening_loss_weight: Weight, per tree, of the mean Bernoulli entropy of the router decisions (in bits),
+            which pushes every `p` towards 0 or 1 (what soft training needs to be served hard).
+        load_balance_loss_weight: Weight, per tree, of the load-balance loss, smallest when leaves are used evenly.
+        load_balance: `"kl"`: KL(mean soft leaf usage || uniform). `"switch"`: Switch Transformer's
+            `L * sum_k f_k P_k - 1` (hard share times mean path probability), which also sees hard collapse.
+        sequence_route_tokens: With sequence routing, pool only the first this many real tokens of each sequence
+            (`None`: all of them), so that a document in training and the prompt that opens it at inference are
+            routed from the same words.
         init_lora_weights: `True` starts each leaf's B at zero, so a fresh adapter leaves the model unchanged.
             `False` draws B at random too (for tests).
     """
@@ -77,12 +95,18 @@ class TreeLoraConfig(PeftConfig):
         default=None, metadata={"help": "Modules trained and saved in full besides the tree."}
     )
     bias: Literal["none"] = field(default="none", metadata={"help": "Only 'none' is supported."})
-    routing: Literal["token", "sequence"] = field(
-        default="token", metadata={"help": "'token': per token and module; 'sequence': one leaf per sequence."}
+    routing: Literal["token", "block", "sequence"] = field(
+        default="token",
+        metadata={"help": "'token': per token and module; 'block': per token, one router per block; 'sequence'."},
+    )
+    training_routing: Literal["hard", "switch", "soft"] = field(
+        default="hard",
+        metadata={"help": "'hard': train the served leaf (straight-through routers); 'switch'; 'soft': mix all."},
     )
     inference_routing: Literal["hard", "soft"] = field(
         default="hard", metadata={"help": "'hard': one leaf at evaluation; 'soft': mix all leaves."}
     )
+    router_input_norm: bool = field(default=True, metadata={"help": "Routers read their input divided by its RMS."})
     router_init: Literal["random", "zeros"] = field(
         default="random", metadata={"help": "'random' (spread tokens from the start) or 'zeros' (p = 0.5)."}
     )
@@ -92,6 +116,12 @@ class TreeLoraConfig(PeftConfig):
     )
     load_balance_loss_weight: float = field(
         default=0.01, metadata={"help": "Weight of the leaf load-balance loss, >= 0."}
+    )
+    load_balance: Literal["kl", "switch"] = field(
+        default="kl", metadata={"help": "'kl': KL of soft usage from uniform; 'switch': Switch's f * P."}
+    )
+    sequence_route_tokens: int | None = field(
+        default=None, metadata={"help": "Sequence routing pools only the first this many tokens (None: all)."}
     )
     init_lora_weights: bool = field(
         default=True, metadata={"help": "True: B starts at zero (no change to the model). False: random B."}
@@ -125,14 +155,6 @@ class TreeLoraConfig(PeftConfig):
     def num_leaves(self) -> int:
         return 2**self.depth
 
-    def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        """Save `adapter_config.json`; when PEFT saves a whole adapter (weights written just before this call, card
-        written by PEFT), also add the tree's shape and sizes to the model card (see `hub.update_saved_card`)."""
-        super().save_pretrained(save_directory, **kwargs)
-        from .hub import update_saved_card
-
-        update_saved_card(save_directory)
-
     def _validate(self) -> None:
         _require_int("depth", self.depth, low=0, high=MAX_DEPTH)
         _require_int("r", self.r, low=1)
@@ -141,6 +163,14 @@ class TreeLoraConfig(PeftConfig):
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"TreeLoraConfig.lora_dropout must be in [0, 1); got {self.lora_dropout!r}.")
         _require_choice("routing", self.routing, ROUTING_MODES)
+        _require_choice("training_routing", self.training_routing, TRAINING_ROUTING_MODES)
+        _require_choice("load_balance", self.load_balance, LOAD_BALANCE_LOSSES)
+        if not isinstance(self.router_input_norm, bool):
+            raise ValueError(
+                f"TreeLoraConfig.router_input_norm must be True or False; got {self.router_input_norm!r}."
+            )
+        if self.sequence_route_tokens is not None:
+            _require_int("sequence_route_tokens", self.sequence_route_tokens, low=1)
         _require_choice("inference_routing", self.inference_routing, INFERENCE_ROUTING_MODES)
         _require_choice("router_init", self.router_init, ROUTER_INITS)
         _require_choice("bias", self.bias, ("none",))

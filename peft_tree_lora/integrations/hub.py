@@ -1,10 +1,9 @@
 """TreeLoRA on the Hugging Face Hub: the model card, pushing with it, and loading with clear errors.
 
-PEFT writes `README.md` in `PeftModel.save_pretrained` (library tag, base model, PEFT version) and then saves each
-adapter's config through the config's own `save_pretrained`. `TreeLoraConfig.save_pretrained` calls
-`update_saved_card` here, which adds what a reader of a tree adapter needs (its shape, its parameter counts, how
-to install and load it) to the card PEFT has just written, read from the files actually saved. Nothing in PEFT
-or transformers is patched.
+PEFT writes `README.md` in `PeftModel.save_pretrained` (library tag, base model, PEFT version). `save_pretrained`
+here saves the same way and then adds what a reader of a tree adapter needs (its shape, its parameter counts, how
+to install and load it) to that card, read from the files actually saved; the command line, the runner and
+`push_to_hub` save through it. Nothing in PEFT or transformers is patched, and saving a config alone writes no card.
 
 `model.push_to_hub(...)` is transformers' `PushToHubMixin.push_to_hub`: it uploads the adapter exactly as for a
 LoRA, but replaces the card that `save_pretrained` wrote with the repo's existing card or transformers' generic
@@ -23,14 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import TreeLoraUsageError
+from ..tuner.errors import TreeLoraUsageError
 
 if TYPE_CHECKING:
     import torch
     from huggingface_hub import CommitInfo
     from peft import PeftModel
 
-    from .config import TreeLoraConfig
+    from ..tuner.config import TreeLoraConfig
 
 CARD_TAGS = ("peft", "tree-lora", "peft-tree-lora")
 CONFIG_NAME = "adapter_config.json"
@@ -247,12 +246,20 @@ def _is_path_base_tag(tag: str) -> bool:
     return tag.startswith("base_model:adapter:") and not is_hub_model_id(tag.removeprefix("base_model:adapter:"))
 
 
+def save_pretrained(model: PeftModel, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+    """`model.save_pretrained(save_directory, **kwargs)`, then the TreeLoRA section of each saved adapter in the
+    card PEFT wrote (PEFT saves "default" in the folder itself and other adapters in sub-folders named after them)."""
+    model.save_pretrained(str(save_directory), **kwargs)
+    for name in model.peft_config:
+        update_saved_card(Path(save_directory) if name == "default" else Path(save_directory) / name)
+
+
 def update_saved_card(save_directory: str | os.PathLike) -> None:
-    """Called by `TreeLoraConfig.save_pretrained` once PEFT has written the weights and the card.
+    """Add the TreeLoRA section for the adapter PEFT has just saved in `save_directory` to PEFT's card.
 
     Only a card PEFT claims (`library_name: peft`) is touched: the one in `save_directory`, or, for an adapter
-    PEFT saves in a sub-directory named after it, the one in the parent directory. A config saved on its own
-    (no weights next to it) changes no card.
+    PEFT saves in a sub-directory named after it, the one in the parent directory. A folder without adapter
+    weights changes no card.
     """
     save_directory = Path(save_directory)
     if not (save_directory / WEIGHTS_NAME).is_file():
@@ -350,7 +357,7 @@ def push_to_hub(
 def _require_tree_model(model: Any) -> None:
     from peft import PeftModel
 
-    from .model import TreeLoraModel
+    from ..tuner.model import TreeLoraModel
 
     if not isinstance(model, PeftModel) or not isinstance(model.base_model, TreeLoraModel):
         raise TreeLoraUsageError(
@@ -431,7 +438,7 @@ def load_tree_config(
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
-    from .config import TreeLoraConfig
+    from ..tuner.config import TreeLoraConfig
 
     where = repr(repo_or_path) + (f" (subfolder {subfolder!r})" if subfolder else "")
     local = Path(repo_or_path, subfolder or "")

@@ -20,11 +20,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import TreeLoraUsageError
+from ..tuner.errors import TreeLoraUsageError
 
 PLUGINS = {
     "bench": ("peft_tree_lora.bench", "measure speed and memory of TreeLoRA against LoRA"),
-    "export": ("peft_tree_lora.export", "export the leaves of a sequence-routed tree as plain LoRA adapters"),
+    "export": (
+        "peft_tree_lora.integrations.export",
+        "export the leaves of a sequence-routed tree as plain LoRA adapters",
+    ),
     "experiment": ("peft_tree_lora.experiments", "run the studies behind the README's results"),
 }
 COMMAND_FILE = "tree_lora_command.json"  # the command that made an output folder (marks the folder as ours)
@@ -136,10 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _import_plugin(module_name: str):
-    try:
-        module = importlib.import_module(module_name)
-    except Exception:  # a plug-in that cannot load must not take the other commands down with it
-        return None
+    """A sub-command module of this package; an import error in it is a bug to show, not a command to hide."""
+    module = importlib.import_module(module_name)
     if callable(getattr(module, "configure_parser", None)) and callable(getattr(module, "run", None)):
         return module
     return None
@@ -163,7 +164,7 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_tree_options(parser: argparse.ArgumentParser) -> None:
-    from .config import MAX_DEPTH
+    from ..tuner.config import MAX_DEPTH
 
     group = parser.add_argument_group("TreeLoRA")
     group.add_argument("--depth", type=_int_range(0, MAX_DEPTH), default=3, help="tree depth; 2**depth leaves")
@@ -418,7 +419,7 @@ def _max_positions(model) -> int:
 
 
 def tree_config(args: argparse.Namespace, shared: dict[str, Any]):
-    from .config import TreeLoraConfig
+    from ..tuner.config import TreeLoraConfig
 
     try:
         return TreeLoraConfig(
@@ -534,7 +535,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _push(model, repo_id: str) -> None:
     try:
-        from .hub import push_to_hub
+        from ..integrations.hub import push_to_hub
     except ImportError:
         push_to_hub = None
     try:
@@ -651,8 +652,8 @@ def load_tree_adapter(adapter: str, model_spec: str | None):
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from ..tuner.layer import TreeLoraLinear
     from .data import load_corpus, tokenize_blocks
-    from .layer import TreeLoraLinear
     from .report import layer_usage
     from .runner import leaf_usage
 

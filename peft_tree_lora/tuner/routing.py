@@ -8,6 +8,7 @@ whose path, read from the root, spells `k` in binary with 1 meaning "right". Not
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,10 @@ def num_nodes(depth: int) -> int:
     return 2**depth - 1
 
 
+def num_leaves(depth: int) -> int:
+    return 2**depth
+
+
 def path_probs(p: torch.Tensor, depth: int) -> torch.Tensor:
     """Leaf weights from the right-probabilities `p` (`..., 2**d - 1`) of every node: `(..., 2**d)`, summing to 1.
 
@@ -52,7 +57,7 @@ def descend_logits(logits: torch.Tensor, depth: int) -> torch.Tensor:
     if depth == 0:
         return torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
     if depth <= SIGN_TABLE_MAX_DEPTH:
-        signs = (logits[..., : 2**depth - 1] >= 0).to(torch.float32)
+        signs = (logits[..., : num_nodes(depth)] >= 0).to(torch.float32)
         code = F.linear(signs, _sign_weights(depth, logits.device)).squeeze(-1)  # exact: at most 15 bits
         return _leaf_table(depth, logits.device)[code.long()]
     # the child of node n is 2n + step, with step 1 (left) or 2 (right): two operations per level
@@ -60,7 +65,7 @@ def descend_logits(logits: torch.Tensor, depth: int) -> torch.Tensor:
     node = step[..., :1]
     for _ in range(1, depth):
         node = torch.add(step.gather(-1, node), node, alpha=2)
-    return node.squeeze(-1) - (2**depth - 1)
+    return node.squeeze(-1) - num_nodes(depth)
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -121,7 +126,7 @@ def _sign_weights(depth: int, device: torch.device) -> torch.Tensor:
     """`(1, 2**d - 1)` powers of two: node `n`'s sign is bit `n` of a row's code."""
     key = ("weights", depth, str(device))
     if key not in _SIGN_TABLES:
-        _SIGN_TABLES[key] = (2.0 ** torch.arange(2**depth - 1)).unsqueeze(0).to(device)
+        _SIGN_TABLES[key] = (2.0 ** torch.arange(num_nodes(depth))).unsqueeze(0).to(device)
     return _SIGN_TABLES[key]
 
 
@@ -129,7 +134,7 @@ def _leaf_table(depth: int, device: torch.device) -> torch.Tensor:
     """The leaf reached for every sign code (see `_sign_weights`), found by walking the tree level by level."""
     key = ("leaves", depth, str(device))
     if key not in _SIGN_TABLES:
-        nodes = 2**depth - 1
+        nodes = num_nodes(depth)
         code = torch.arange(2**nodes)
         node = torch.zeros_like(code)
         for _ in range(depth):
@@ -166,6 +171,58 @@ def load_balance_loss(leaf_weights: torch.Tensor) -> torch.Tensor:
     num_leaves = leaf_weights.shape[-1]
     usage = leaf_weights.reshape(-1, num_leaves).mean(0)
     return (usage * torch.log(usage.clamp_min(1e-12) * num_leaves)).sum()
+
+
+def switch_balance_loss(leaf_weights: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer's balance loss, shifted to 0 at balance: `L * sum_k f_k P_k - 1`, where `f_k` is the share
+    of rows whose hard route is leaf `k` (no gradient) and `P_k` the mean path probability of leaf `k`. Unlike the
+    KL of the soft usage, it also penalises a tree whose hard choices crowd into a few leaves while its soft weights
+    look even."""
+    num_leaves = leaf_weights.shape[-1]
+    weights = leaf_weights.reshape(-1, num_leaves)
+    share = F.one_hot(leaf.reshape(-1), num_leaves).to(weights.dtype).mean(0)  # no host sync, unlike bincount
+    return num_leaves * (share * weights.mean(0)).sum() - 1.0
+
+
+def path_prob_of_leaf(logits: torch.Tensor, leaf: torch.Tensor, depth: int) -> torch.Tensor:
+    """The path probability (`...`) of the given `leaf` (`...`) under router `logits` (`..., 2**d - 1`): the product,
+    over the `depth` nodes on its path, of `p` where the path goes right and `1 - p` where it goes left. Reads
+    `depth` logits per row instead of building every leaf's weight."""
+    levels = torch.arange(depth, device=leaf.device)
+    prefix = leaf.unsqueeze(-1) >> (depth - levels)  # the path's node at each level, counted within its level
+    nodes = prefix + (2**levels - 1)
+    right = ((leaf.unsqueeze(-1) >> (depth - 1 - levels)) & 1).bool()
+    chosen = logits.gather(-1, nodes)
+    return F.logsigmoid(torch.where(right, chosen, -chosen)).sum(-1).exp()
+
+
+def rms_normalized(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """`x` divided by its root mean square over the last dimension (no parameters): the routers then see inputs of
+    unit scale, whatever the scale of the activations (0.3 for some projections, 0.03 for pooled embeddings)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@dataclass(frozen=True)
+class RouterLosses:
+    """The weighted auxiliary losses of one tree. The weights are per tree: a model with 200 trees puts the same
+    pressure on each of them as a model with one (their sum is what training adds to the loss)."""
+
+    depth: int
+    hardening_weight: float = 0.0
+    balance_weight: float = 0.0
+    balance: str = "kl"  # "kl": KL of the soft usage from uniform; "switch": Switch Transformer's f * P
+
+    def __call__(self, logits: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor | None:
+        if not (self.hardening_weight or self.balance_weight):
+            return None
+        total = logits.new_zeros(())
+        if self.hardening_weight:
+            total = total + self.hardening_weight * hardening_loss(logits)
+        if self.balance_weight:
+            weights = path_probs(torch.sigmoid(logits), self.depth)
+            balance = switch_balance_loss(weights, leaf) if self.balance == "switch" else load_balance_loss(weights)
+            total = total + self.balance_weight * balance
+        return total
 
 
 class _AttachAuxiliaryLoss(torch.autograd.Function):

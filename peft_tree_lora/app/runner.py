@@ -26,9 +26,10 @@ import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
+from ..integrations.hub import save_pretrained as save_with_card
+from ..tuner.errors import TreeLoraUsageError
+from ..tuner.model import TreeLoraModel
 from .data import BlockDataset
-from .errors import TreeLoraUsageError
-from .model import TreeLoraModel
 
 RUN_FILE = "tree_lora_run.json"  # written into every output folder: marks it as ours and holds the result
 
@@ -188,21 +189,18 @@ def leaf_usage(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8
     tree = _tree_tuner(model)
     if tree is None:
         return {}
-    context = tree.routing_context
-    previous_record, was_training = context.record_eval_usage, model.training
     counts: dict[str, torch.Tensor] = {}
-    context.record_eval_usage = True
+    leaves = tree.peft_config[tree.active_adapters[0]].num_leaves
+    was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for start in range(0, blocks.shape[0], batch_size):
-                model(input_ids=blocks[start : start + batch_size])
-                for record in context.records.values():
-                    total = counts.get(record.module_name)
-                    leaf_counts = record.leaf_counts.detach().cpu()
-                    counts[record.module_name] = leaf_counts if total is None else total + leaf_counts
+                routes = tree.leaf_routes(blocks[start : start + batch_size])
+                for module, leaf in routes.items():
+                    found = torch.bincount(leaf.reshape(-1).cpu(), minlength=leaves)
+                    counts[module] = found if module not in counts else counts[module] + found
     finally:
-        context.record_eval_usage = previous_record
         model.train(was_training)
     return {module: [int(c) for c in leaf_counts] for module, leaf_counts in counts.items()}
 
@@ -215,7 +213,10 @@ def save_atomically(
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=output_dir))
     try:
-        model.save_pretrained(staging)
+        if isinstance(getattr(model, "base_model", None), TreeLoraModel):
+            save_with_card(model, staging)
+        else:
+            model.save_pretrained(staging)
         if isinstance(run_info, RunResult):
             run_info = run_info.to_dict()
         if run_info is not None:
@@ -348,7 +349,7 @@ def _telemetry_callbacks(tree: TreeLoraModel | None) -> list[TrainerCallback]:
     if tree is None:
         return []
     try:
-        from .trainer import RoutingTelemetryCallback
+        from ..integrations.telemetry import RoutingTelemetryCallback
     except ImportError:
         return []
     try:

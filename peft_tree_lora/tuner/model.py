@@ -1,0 +1,391 @@
+"""`TreeLoraModel`: the PEFT tuner that puts TreeLoRA layers into a model and opens a routing call per model call."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.error import NoMatchingPeftModuleError
+from peft.utils.other import _get_submodules
+from torch import nn
+
+from .call import (
+    RouteRecorder,
+    RoutingCall,
+    close_call,
+    current_call,
+    entered,
+    open_call,
+    reenter_call_on_recompute,
+    routing_mask,
+)
+from .checkpoint import verify_adapter_weights
+from .config import TreeLoraConfig
+from .layer import TreeLoraLayer, TreeLoraLinear
+from .loading import NoTargetModulesError, adaptable_modules_hint, fit_problems, roll_back, take_out
+from .routing import num_leaves
+from .sequence_router import TreeLoraSequenceRouter
+
+_ADAPTER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+_BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")  # a module's outermost numbered ancestor: "model.layers.3"
+
+
+class TreeLoraModel(BaseTuner):
+    """Creates a TreeLoRA model from a pretrained transformers model; use it through `peft.get_peft_model`.
+
+    Besides PEFT's tuner API it offers `leaf_routes` (which leaf an input takes), `set_inference_routing` (hard or
+    soft evaluation), `pin_leaf`/`unpin_leaf` (one leaf for every sequence) and `recording` (routes of the calls
+    made inside it, for telemetry). In training with labels, the loss of the output includes the routers' auxiliary
+    losses, which the output also carries as `aux_loss`.
+    """
+
+    prefix: str = "treelora_"
+    tuner_layer_cls = TreeLoraLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    # --- injection --------------------------------------------------------------------------------------------
+
+    def _pre_injection_hook(self, model: nn.Module, config: TreeLoraConfig, adapter_name: str) -> None:
+        if not any(isinstance(m, TreeLoraLayer) for m in model.modules()):
+            self._base_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        if not isinstance(adapter_name, str) or not _ADAPTER_NAME.match(adapter_name):
+            raise ValueError(
+                f"TreeLoRA adapter names must start with a letter or '_' and hold only letters, digits, '_' and '-' "
+                f"(no '.'); got {adapter_name!r}."
+            )
+        config = self.peft_config[adapter_name]
+        source = getattr(config, "_weights_source", None)
+        if source is not None:  # loading a saved adapter: fail now if its weights are unreadable, before injecting
+            verify_adapter_weights(source)
+            config._weights_source = None
+        if config.routing == "sequence" and config.depth > 0 and not hasattr(model, "get_input_embeddings"):
+            raise ValueError("TreeLoraConfig.routing='sequence' needs a model with get_input_embeddings().")
+        try:
+            super().inject_adapter(
+                model,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                state_dict=state_dict,
+            )
+            if config.routing == "sequence" and config.depth > 0:
+                self._attach_sequence_router(model, adapter_name, config)
+            if config.routing == "block":
+                _assign_blocks(model, adapter_name)
+        except NoMatchingPeftModuleError as error:
+            take_out(model, adapter_name)
+            raise NoTargetModulesError(f"{error} {adaptable_modules_hint(model)}") from None
+        except Exception:
+            take_out(model, adapter_name)  # PEFT replaces modules one by one: undo the ones already replaced
+            raise
+        self._install_call_hooks(model)
+
+    def _create_and_replace(
+        self,
+        peft_config: TreeLoraConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: str | None = None,
+    ) -> None:
+        is_input_embedding = (
+            target is self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else False
+        )
+        if is_input_embedding and peft_config.routing == "sequence" and peft_config.depth > 0:
+            # only reached when injecting from a state dict, which names the router's embedding module
+            self._attach_sequence_router(self.model, adapter_name, peft_config)
+            return
+        if isinstance(target, TreeLoraLinear):
+            target.update_layer(adapter_name, peft_config)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        try:
+            new_module = TreeLoraLinear(target, adapter_name, peft_config, current_key)
+        except TypeError:
+            raise ValueError(
+                f"TreeLoRA adapts torch.nn.Linear and transformers Conv1D layers; target module '{current_key}' is a "
+                f"{type(base).__name__}. Adjust target_modules / exclude_modules."
+            ) from None
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _attach_sequence_router(self, model: nn.Module, adapter_name: str, config: TreeLoraConfig) -> None:
+        embeddings = model.get_input_embeddings()
+        if isinstance(embeddings, TreeLoraSequenceRouter):
+            if adapter_name not in embeddings.treelora_router:
+                embeddings.update_layer(adapter_name, config)
+            return
+        name = next(n for n, m in model.named_modules() if m is embeddings)
+        parent, target, target_name = _get_submodules(model, name)
+        router = TreeLoraSequenceRouter(target, adapter_name, config, name)
+        if adapter_name not in self.active_adapters:
+            router.requires_grad_(False)
+        self._replace_module(parent, target_name, router, target)
+
+    # --- routing calls ----------------------------------------------------------------------------------------
+
+    def _install_call_hooks(self, model: nn.Module) -> None:
+        """Hooks on the adapted model, so that calling it directly (not through the PeftModel) opens a call too."""
+        if getattr(self, "_call_hooks", None):
+            return
+        self._call_hooks = [
+            model.register_forward_pre_hook(self._before_model_call, with_kwargs=True),
+            model.register_forward_hook(self._after_model_call, with_kwargs=True, always_call=True),
+        ]
+        self._recorder: RouteRecorder | None = None
+
+    def _remove_call_hooks(self) -> None:
+        for handle in getattr(self, "_call_hooks", None) or []:
+            handle.remove()
+        self._call_hooks = []
+
+    def _new_call(self, hold_sequence_route: bool = False, recorder: RouteRecorder | None = None) -> RoutingCall:
+        training = self.model.training
+        if training:
+            self._replay_checkpoints_in_call()
+        recorder = recorder or getattr(self, "_recorder", None)
+        records = [] if recorder is not None else None
+        return RoutingCall(training, hold_sequence_route, recorder=recorder, records=records)
+
+    def _before_model_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        call = current_call()
+        if call is None:  # the model is called directly, not through the PeftModel or this tuner
+            call = self._new_call()
+            call.hook_token = open_call(call)
+        input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+        pad_token_id = getattr(getattr(self.model, "config", None), "pad_token_id", None)
+        call.routing_mask = routing_mask(kwargs.get("attention_mask"), input_ids, pad_token_id)
+        embeds = kwargs.get("inputs_embeds")
+        router = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        if torch.is_tensor(embeds) and isinstance(router, TreeLoraSequenceRouter) and not router.disable_adapters:
+            return args, {**kwargs, "inputs_embeds": router.route(embeds, call)}  # the embeddings will not run
+        return None
+
+    def _after_model_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        call = current_call()  # runs on errors too (always_call), so a failed call does not stay current
+        if call is not None and call.hook_token is not None:
+            close_call(call.hook_token)
+            call.end(output, kwargs)
+
+    def _replay_checkpoints_in_call(self) -> None:
+        """Make every checkpointed layer recompute inside the call that ran it (cross-module routes need it)."""
+        for module in self.model.modules():
+            function = getattr(module, "_gradient_checkpointing_func", None)
+            if getattr(module, "gradient_checkpointing", False) and function is not None:
+                module._gradient_checkpointing_func = reenter_call_on_recompute(function)
+
+    def forward(self, *args: Any, **kwargs: Any):
+        """Run the model in a call of its own. In training with `labels`, the returned loss includes the routers'
+        auxiliary losses (detached here: their gradients flow from the layers that computed them, see
+        `routing.attach_auxiliary_loss`), and `outputs.aux_loss` holds them."""
+        call = self._new_call()
+        with entered(call):
+            outputs = self.model(*args, **kwargs)
+        aux = call.aux_total()
+        loss = getattr(outputs, "loss", None)
+        if aux is not None and self.training and kwargs.get("labels") is not None and loss is not None:
+            outputs["loss"] = loss + aux.to(loss.dtype)
+            outputs["aux_loss"] = aux
+        call.end(outputs, kwargs)
+        return outputs
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Entered by `PeftModel.forward` and `PeftModel.generate`: one call for the whole of it, in which a sequence
+        route, once picked from the prompt, holds for every step."""
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "TreeLoRA does not support adapter_names= (a different adapter per row of one batch); call the model "
+                "once per adapter with model.set_adapter(name)."
+            )
+        call = self._new_call(hold_sequence_route=True)
+        with entered(call):
+            yield
+        call.end(None, kwargs)
+
+    @contextmanager
+    def recording(self, recorder: RouteRecorder) -> Iterator[RouteRecorder]:
+        """Give `recorder` the routes of every call opened until the block ends (telemetry is opt-in: without a
+        recorder the forward pass computes only what the output and the loss need)."""
+        previous, self._recorder = getattr(self, "_recorder", None), recorder
+        try:
+            yield recorder
+        finally:
+            self._recorder = previous
+
+    def start_recording(self, recorder: RouteRecorder) -> None:
+        self._recorder = recorder
+
+    def stop_recording(self) -> None:
+        self._recorder = None
+
+    # --- routing controls -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def leaf_routes(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
+        """Which leaf each input takes under hard routing (one evaluation forward pass, in a call of its own).
+
+        Returns `{module_name: LongTensor (batch, seq)}` for token- and block-routed adapters and `{"sequence":
+        LongTensor (batch,)}` for sequence-routed ones (of the active adapter)."""
+        adapter = self.active_adapters[0]
+        was_training = self.model.training
+        call = RoutingCall(records=[])
+        try:
+            self.model.eval()
+            with entered(call):
+                self.model(input_ids=input_ids, attention_mask=attention_mask)
+        finally:
+            self.model.train(was_training)
+        return {record.module_name: record.leaf for record in call.records if record.adapter == adapter}
+
+    def set_inference_routing(self, mode: str, adapter_name: str | None = None) -> None:
+        """Evaluate with `"hard"` routing (one leaf per token or sequence) or `"soft"` routing (all leaves mixed)."""
+        if mode not in ("hard", "soft"):
+            raise ValueError(f"inference routing must be 'hard' or 'soft'; got {mode!r}.")
+        for adapter in [adapter_name] if adapter_name else list(self.peft_config):
+            self._check_adapter(adapter)
+            for layer in self._tree_layers(adapter):
+                layer.inference_routing[adapter] = mode
+
+    def pin_leaf(self, leaf: int, adapter_name: str | None = None) -> None:
+        """Send every sequence to `leaf` (sequence routing only): the adapter then acts as one plain LoRA, which
+        `merge_and_unload()` can merge."""
+        adapter = adapter_name or self.active_adapters[0]
+        self._check_adapter(adapter)
+        config = self.peft_config[adapter]
+        if config.routing != "sequence":
+            raise ValueError(
+                f"pin_leaf needs routing='sequence'; adapter '{adapter}' routes by {config.routing}, so each token "
+                "picks its own leaf and no leaf index means the same thing for a whole sequence."
+            )
+        if isinstance(leaf, bool) or not isinstance(leaf, int) or not 0 <= leaf < config.num_leaves:
+            raise ValueError(
+                f"leaf must be an integer in [0, {config.num_leaves - 1}] for adapter '{adapter}'; got {leaf!r}."
+            )
+        self._refuse_while_merged(adapter, "pin another leaf")
+        for layer in self._tree_layers(adapter):
+            layer.pinned_leaf[adapter] = leaf
+
+    def unpin_leaf(self, adapter_name: str | None = None) -> None:
+        adapter = adapter_name or self.active_adapters[0]
+        self._refuse_while_merged(adapter, "unpin the leaf")
+        for layer in self._tree_layers(adapter):
+            layer.pinned_leaf.pop(adapter, None)
+
+    @contextmanager
+    def pinned_leaf(self, leaf: int, adapter_name: str | None = None) -> Iterator[None]:
+        """Context manager form of `pin_leaf`."""
+        self.pin_leaf(leaf, adapter_name)
+        try:
+            yield
+        finally:
+            self.unpin_leaf(adapter_name)
+
+    def _refuse_while_merged(self, adapter: str, action: str) -> None:
+        if any(adapter in layer.merged_adapters for layer in self._tree_layers(adapter)):
+            raise ValueError(
+                f"TreeLoRA adapter '{adapter}' is merged into the base weights; unmerge it first "
+                f"(model.unmerge_adapter()) to {action}."
+            )
+
+    def _tree_layers(self, adapter: str) -> Iterator[TreeLoraLayer]:
+        return (m for m in self.model.modules() if isinstance(m, TreeLoraLayer) and adapter in m.depth)
+
+    def _check_adapter(self, adapter: str) -> None:
+        if adapter not in self.peft_config:
+            raise ValueError(f"No adapter named '{adapter}'; the model has {sorted(self.peft_config)}.")
+
+    def parameter_counts(self, adapter_name: str | None = None) -> dict[str, int]:
+        """Adapter size of one adapter: `total` (every leaf and router) and `active_per_token` (what one token
+        touches when served: one leaf per module, plus the `depth` routers on its path wherever routers run per
+        token, which is once per block for block routing; a sequence router runs once per sequence and is not
+        counted per token)."""
+        adapter = adapter_name or self.active_adapters[0]
+        self._check_adapter(adapter)
+        total = active = 0
+        for module in self._tree_layers(adapter):
+            depth = module.depth[adapter]
+            router = module.treelora_router[adapter] if adapter in module.treelora_router else None
+            total += sum(p.numel() for p in router.parameters()) if router is not None else 0
+            if isinstance(module, TreeLoraLinear):
+                leaf_params = module.r[adapter] * (module.in_features + module.out_features)
+                total += leaf_params * num_leaves(depth)
+                active += leaf_params
+                if router is not None:
+                    active += depth * (router.in_features + 1)
+        return {"total": total, "active_per_token": active}
+
+    # --- merging, unloading, loading --------------------------------------------------------------------------
+
+    def _check_merge_allowed(self) -> None:
+        super()._check_merge_allowed()
+        for module in self.model.modules():
+            if isinstance(module, TreeLoraLinear):
+                for adapter in module.active_adapters:
+                    if adapter in module.treelora_A:
+                        module.mergeable_leaf(adapter)  # raises before anything is merged
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ):
+        model = super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+        self._remove_call_hooks()
+        return model
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: TreeLoraConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Map checkpoint keys to the model, and refuse a checkpoint that does not fit: missing or unexpected tree
+        tensors, shapes that differ from the base model's, or a depth that differs from the config's. On refusal
+        the adapter is taken out of the model again, so the model is left as it was."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        problems = fit_problems(model, config, adapter_name, remapped)
+        if problems:
+            roll_back(model, adapter_name)
+            listing = "\n  - ".join(problems[:20])
+            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            raise ValueError(
+                f"The TreeLoRA checkpoint for adapter '{adapter_name}' does not fit this model (nothing was "
+                f"loaded):\n  - {listing}{more}"
+            )
+        return remapped
+
+
+def _assign_blocks(model: nn.Module, adapter: str) -> None:
+    """Block routing: the first target module of each numbered block keeps the router, the others read its route."""
+    leaders: set[str] = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, TreeLoraLinear) or module.routing.get(adapter) != "block":
+            continue
+        match = _BLOCK.match(name)
+        block = match.group(1) if match else name
+        module.block_name[adapter] = block
+        if block in leaders:
+            if adapter in module.treelora_router:
+                del module.treelora_router[adapter]
+        else:
+            leaders.add(block)
