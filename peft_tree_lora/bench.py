@@ -542,7 +542,7 @@ def run(args: argparse.Namespace) -> int:
         *[f"- {key}: {value}" for key, value in info.items()],
         *[f"- note: {note}" for note in notes],
         "",
-        "## Targets (issue 5)",
+        "## Targets",
         "",
         verdicts,
         "",
