@@ -181,7 +181,9 @@ def _router_state(layer, model, input_ids):
 
 
 def test_auxiliary_loss_gradient_reaches_the_routers_without_labels():
-    model = tree_model(make_tiny_llama(), depth=2, target_modules=["q_proj"], load_balance_loss_weight=0.0).train()
+    model = tree_model(
+        make_tiny_llama(), depth=2, target_modules=["q_proj"], hardening_loss_weight=0.05, load_balance_loss_weight=0.0
+    ).train()
     out = model(input_ids=torch.randint(3, 90, (2, 6))).logits
     (out.sum() * 0).backward()  # the task contributes nothing: any router gradient comes from the hardening loss
     grads = [p.grad for n, p in model.named_parameters() if ".treelora_router." in n]
@@ -346,3 +348,41 @@ def test_default_target_modules_are_loras_and_layers_can_be_restricted():
     assert {n.rsplit(".", 1)[-1] for n in model.base_model.targeted_module_names} == {"q_proj", "v_proj"}
     model = tree_model(make_tiny_llama(), depth=1, target_modules=["q_proj"], layers_to_transform=[1])
     assert model.base_model.targeted_module_names == ["model.layers.1.self_attn.q_proj"]
+
+
+def test_block_routing_sends_every_token_to_one_leaf_index_in_every_module_of_its_block(input_ids):
+    model = trained_looking(tree_model(make_tiny_llama(), depth=3, routing="block", router_init_scale=3.0))
+    routes = model.base_model.leaf_routes(input_ids)
+    for block in ("model.layers.0.", "model.layers.1."):
+        in_block = [leaf for name, leaf in routes.items() if name.startswith(block)]
+        assert len(in_block) == 7  # q, k, v, o, gate, up, down
+        assert all(torch.equal(leaf, in_block[0]) for leaf in in_block)
+    assert not torch.equal(routes["model.layers.0.self_attn.q_proj"], routes["model.layers.1.self_attn.q_proj"])
+
+
+def test_block_routing_keeps_one_router_per_block_and_counts_it_once_per_token():
+    model = tree_model(make_tiny_llama(), depth=3, routing="block")
+    routers = [n for n, _ in model.named_parameters() if ".treelora_router." in n and n.endswith("weight")]
+    assert [n.split(".treelora_router")[0].removeprefix("base_model.model.") for n in routers] == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj",
+    ]
+    token = tree_model(make_tiny_llama(), depth=3, routing="token").base_model.parameter_counts()
+    block = model.base_model.parameter_counts()
+    config = make_tiny_llama().config
+    followers_routers = 3 * (5 * (config.hidden_size + 1) + (config.intermediate_size + 1))  # k v o gate up, down
+    assert token["active_per_token"] - block["active_per_token"] == config.num_hidden_layers * followers_routers
+
+
+def test_set_training_routing_changes_how_training_applies_the_leaves(input_ids):
+    model = trained_looking(tree_model(make_tiny_llama(), depth=2, training_routing="hard")).train()
+    with torch.no_grad():
+        hard = model(input_ids=input_ids).logits
+        model.base_model.set_training_routing("soft")
+        soft = model(input_ids=input_ids).logits
+        model.base_model.set_training_routing("hard")
+        again = model(input_ids=input_ids).logits
+    assert not torch.allclose(hard, soft, atol=1e-4)
+    torch.testing.assert_close(again, hard)
+    with pytest.raises(ValueError, match=r"training routing must be one of \['hard', 'switch', 'soft'\]"):
+        model.base_model.set_training_routing("mixed")

@@ -486,3 +486,25 @@ def test_target_modules_matching_nothing_fail_naming_them_and_the_layers_that_co
     assert "['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj', 'up_proj', 'v_proj']" in message
     assert isinstance(raised.value, NoMatchingPeftModuleError)  # code written for PEFT's error still catches it
     assert not any("treelora" in name for name, _ in base.named_modules())
+
+
+def test_soft_warmup_trains_soft_for_its_steps_then_in_the_configured_mode(tmp_path):
+    from peft_tree_lora.integrations.schedule import SoftWarmupCallback
+
+    model = get_peft_model(make_tiny_llama(), tree_config(training_routing="hard"))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    seen = []
+
+    class Spy(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            seen.append(layer.training_routing["default"])
+
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=4),
+        train_dataset=token_dataset(rows=16),
+        callbacks=[SoftWarmupCallback(steps=2), Spy()],
+    )
+    trainer.train()
+    assert seen == ["soft", "soft", "hard", "hard"]
+    assert layer.training_routing["default"] == "hard"

@@ -63,7 +63,8 @@ class TreeLoraConfig(PeftConfig):
             `router_init_scale`); `"zeros"` starts every router at p = 0.5.
         router_init_scale: Scale of the random router initialisation.
         hardening_loss_weight: Weight, per tree, of the mean Bernoulli entropy of the router decisions (in bits),
-            which pushes every `p` towards 0 or 1 (what soft training needs to be served hard).
+            which pushes every `p` towards 0 or 1: what soft training needs to be served hard (0.05 is a start).
+            Default 0: hard training serves what it trains, and saturated routers stop learning.
         load_balance_loss_weight: Weight, per tree, of the load-balance loss, smallest when leaves are used evenly.
         load_balance: `"kl"`: KL(mean soft leaf usage || uniform). `"switch"`: Switch Transformer's
             `L * sum_k f_k P_k - 1` (hard share times mean path probability), which also sees hard collapse.
@@ -112,7 +113,7 @@ class TreeLoraConfig(PeftConfig):
     )
     router_init_scale: float = field(default=1.0, metadata={"help": "Scale of the random router init, > 0."})
     hardening_loss_weight: float = field(
-        default=0.05, metadata={"help": "Weight of the router-entropy (hardening) loss, >= 0."}
+        default=0.0, metadata={"help": "Weight, per tree, of the router-entropy (hardening) loss, >= 0."}
     )
     load_balance_loss_weight: float = field(
         default=0.01, metadata={"help": "Weight of the leaf load-balance loss, >= 0."}

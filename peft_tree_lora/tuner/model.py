@@ -30,6 +30,7 @@ from .layer import TreeLoraLayer, TreeLoraLinear
 from .loading import NoTargetModulesError, adaptable_modules_hint, fit_problems, roll_back, take_out
 from .routing import num_leaves
 from .sequence_router import TreeLoraSequenceRouter
+from .variants import TRAINING_ROUTINGS
 
 _ADAPTER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 _BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")  # a module's outermost numbered ancestor: "model.layers.3"
@@ -263,6 +264,16 @@ class TreeLoraModel(BaseTuner):
             self._check_adapter(adapter)
             for layer in self._tree_layers(adapter):
                 layer.inference_routing[adapter] = mode
+
+    def set_training_routing(self, mode: str, adapter_name: str | None = None) -> None:
+        """Train with `"hard"`, `"switch"` or `"soft"` routing from now on (e.g. a soft warm-up, see
+        `integrations.schedule.SoftWarmupCallback`); the saved config keeps the mode the adapter was made with."""
+        if mode not in TRAINING_ROUTINGS:
+            raise ValueError(f"training routing must be one of {list(TRAINING_ROUTINGS)}; got {mode!r}.")
+        for adapter in [adapter_name] if adapter_name else list(self.peft_config):
+            self._check_adapter(adapter)
+            for layer in self._tree_layers(adapter):
+                layer.training_routing[adapter] = mode
 
     def pin_leaf(self, leaf: int, adapter_name: str | None = None) -> None:
         """Send every sequence to `leaf` (sequence routing only): the adapter then acts as one plain LoRA, which

@@ -168,6 +168,8 @@ class BlockScope(TokenScope):
                 f"{rows} rows was picked. Call the model itself, not one of its inner modules."
             )
         logits = None if published.logits is None else published.logits.to(x.device)
+        if call is not None:
+            call.record(layer.module_name, adapter, published.leaf.view(x.shape[:-1]), None)
         return Route(published.leaf.to(x.device), logits, layer.depth[adapter]), None
 
 
