@@ -34,16 +34,12 @@ def main() -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     for step in range(40):
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
+        outputs = model(input_ids=batch, labels=batch)
+        outputs.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         if step % 10 == 0 or step == 39:
-            aux = model.base_model.auxiliary_losses()
-            print(
-                f"step {step:2d}  loss {loss.item():.3f}  hardening {aux['hardening']:.3f}  "
-                f"balance {aux['load_balance']:.4f}"
-            )
+            print(f"step {step:2d}  loss {outputs.loss.item():.3f}  router losses {float(outputs.aux_loss):.4f}")
 
     with tempfile.TemporaryDirectory() as out:
         model.save_pretrained(out)

@@ -508,3 +508,17 @@ def test_soft_warmup_trains_soft_for_its_steps_then_in_the_configured_mode(tmp_p
     trainer.train()
     assert seen == ["soft", "soft", "hard", "hard"]
     assert layer.training_routing["default"] == "hard"
+
+
+def test_router_learning_rate_ratio_puts_every_router_in_its_own_group():
+    from peft_tree_lora.integrations.optim import create_tree_lora_optimizer
+
+    model = get_peft_model(make_tiny_llama(), tree_config())
+    optimizer = create_tree_lora_optimizer(model, lr=1e-3, router_lr_ratio=4.0, weight_decay=0.1)
+    routers = {id(p) for n, p in model.named_parameters() if ".treelora_router." in n}
+    leaves = {id(p) for n, p in model.named_parameters() if p.requires_grad and ".treelora_router." not in n}
+    by_lr = {group["lr"]: {id(p) for p in group["params"]} for group in optimizer.param_groups}
+    assert by_lr == {1e-3: leaves, 4e-3: routers}
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.1, 0.0]
+    with pytest.raises(ValueError, match="router_lr_ratio must be > 0"):
+        create_tree_lora_optimizer(model, router_lr_ratio=0)

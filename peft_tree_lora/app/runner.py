@@ -27,6 +27,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from ..integrations.hub import save_pretrained as save_with_card
+from ..integrations.optim import tree_lora_param_groups
 from ..tuner.errors import TreeLoraUsageError
 from ..tuner.model import TreeLoraModel
 from .data import BlockDataset
@@ -52,6 +53,7 @@ class TrainSettings:
     save_every: int | None = None
     show_progress: bool = True
     log_every: int = 10
+    router_lr_ratio: float = 1.0  # routers learn at learning_rate * this (AdamW, as the other parameters)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "eval_batch_size", "gradient_accumulation_steps"):
@@ -141,12 +143,19 @@ def run_training(
 
     scratch = tempfile.mkdtemp(prefix="tree-lora-trainer-")
     try:
+        optimizer = None
+        if settings.router_lr_ratio != 1.0:
+            groups = tree_lora_param_groups(
+                model, settings.learning_rate, settings.router_lr_ratio, settings.weight_decay
+            )
+            optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate)
         trainer = _TimedTrainer(
             model=model,
             args=_training_arguments(settings, scratch),
             train_dataset=BlockDataset(train_blocks),
             eval_dataset=BlockDataset(eval_blocks),
             callbacks=all_callbacks,
+            optimizers=(optimizer, None),
         )
         if not settings.show_progress:
             trainer.remove_callback(PrinterCallback)  # quiet means quiet: no per-log dictionaries either
