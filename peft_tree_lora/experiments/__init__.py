@@ -114,7 +114,13 @@ def _add_settings_options(parser: argparse.ArgumentParser, settings_class: type)
         elif typing.get_origin(hint) is list:
             (item,) = typing.get_args(hint)
             parser.add_argument(
-                option, type=item, nargs="+", default=None, help=f"default: {' '.join(map(str, default))}"
+                option,
+                type=item,
+                nargs="+",
+                default=None,
+                choices=spec.metadata.get("choices"),
+                metavar=spec.name.upper() if spec.metadata.get("choices") else None,
+                help=spec.metadata.get("help", "") + f"default: {' '.join(map(str, default))}",
             )
         else:
             parser.add_argument(option, type=hint, default=None, help=f"default: {default}")

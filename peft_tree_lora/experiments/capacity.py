@@ -78,6 +78,7 @@ SUMMARY_METRICS = (
     "bits",
     "bits_per_active_param",
     "held_out_loss",
+    "recall_soft",
     "soft_minus_hard_recall",
     "soft_minus_hard_loss",
     "train_seconds",
@@ -86,16 +87,18 @@ SUMMARY_METRICS = (
 
 @dataclass
 class CapacitySettings:
-    """Defaults sized to finish within 20 minutes on 2 idle CPU cores.
+    """Defaults sized to finish within 20 minutes on 2 CPU cores.
 
-    Measured with today's code on an idle 2-core machine, `--threads 1`, at the defaults (N=64 people, 60 epochs:
-    240 steps of 16 biographies of ~100 words): base pretraining 42-45 s per seed (250 steps), each LoRA run
-    20 s of training (r=1, 3 and 8 alike; ~21 s with its evaluations), the token-routed tree 32 s (soft training
-    runs all 8 leaves), the sequence-routed tree 22 s. One seed of the default arms (3 LoRAs, 2 trees, the
-    frozen-router control) is then about 3.5 min, the default three seeds about 10 min, leaving room for the
-    planned tree variants (about 30 s each per seed). At N=64 LoRA r=1 recalled 6 % of the held-out facts and LoRA
-    r=8 79 % (seed 0): the narrow LoRA is capacity-bound, the wide one is not. At N=32 (half the time) LoRA r=1
-    still recalled 6-17 % and LoRA r=8 about 84 %, in the facts study.
+    Measured with today's code and `--threads 1` at the defaults (N=64 people, 60 epochs: 240 steps of 16
+    biographies of ~100 words). On an idle 2-core machine: base pretraining 42-45 s per seed (250 steps), each LoRA
+    20 s of training whatever its rank, the token-routed tree 32 s (soft training runs all 8 leaves), the
+    sequence-routed tree 22 s. A one-seed run of the default arms (3 LoRAs, 2 tree variants, the frozen-router
+    control) while the machine also ran other work (load 1.2-1.9): base 51 s, LoRA r=1, 3, 8 24-27 s, token tree 39 s,
+    sequence tree 32 s, frozen-router control 42 s, 247 s wall in all (evaluations about 7 s). Three seeds are then
+    about 12.5 min, leaving room for two planned tree variants (about 40 s each per seed) within 20 minutes. In that
+    run LoRA r=1 recalled 6 % of the held-out facts, LoRA r=3 32 % and LoRA r=8 79 %: at N=64 the narrow LoRA is
+    capacity-bound and the wide one is not. (At N=32, half the time, the facts study measured LoRA r=1 at 13-17 %
+    and LoRA r=8 at 82-87 %; at N=128, twice the time, LoRA r=8 fell to 52-67 %.)
 
     The model is the facts study's word-level Llama (hidden 64, 4 layers, 4 heads, SwiGLU 176, tied embeddings,
     about 0.23 M parameters), pretrained in full on `background` other people per seed; every arm of a seed starts
@@ -103,7 +106,13 @@ class CapacitySettings:
 
     people: int = 64
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    tree_arms: list[str] = field(default_factory=lambda: list(DEFAULT_TREE_ARMS))
+    tree_arms: list[str] = field(
+        default_factory=lambda: list(DEFAULT_TREE_ARMS),
+        metadata={
+            "choices": [key for key, _, _ in TREE_VARIANTS],
+            "help": f"tree variants, of {', '.join(key for key, _, _ in TREE_VARIANTS)}; ",
+        },
+    )
     frozen_router: bool = True
     rank: int = 1
     depth: int = 3
@@ -193,7 +202,7 @@ def checked_config(arm: Arm) -> PeftConfig:
         options = ", ".join(f"{name}={value!r}" for name, value in arm.options) or "no extra arguments"
         raise TreeLoraUsageError(
             f"tree arm {arm.key!r} ({arm.label}) asks TreeLoraConfig for {options}, which this version of "
-            f"peft_tree_lora rejects: {error} Leave it out of --tree-arms (today's defaults: "
+            f"peft_tree_lora rejects: {str(error).rstrip('.')}. Leave it out of --tree-arms (today's defaults: "
             f"{' '.join(DEFAULT_TREE_ARMS)})."
         ) from None
 
@@ -532,6 +541,18 @@ def verdict(data: dict[str, Any]) -> dict[str, Any]:
                 if bound
                 else "the narrow LoRA is NOT clearly capacity-bound at this N (the study assumes under half the wide "
                 "LoRA's recall), so the comparison says little about capacity."
+            )
+        )
+    soft = summary[best].get("recall_soft")
+    if soft is not None:
+        served = summary[best]["recall"]["mean"]
+        sentences.append(
+            f"Served with one leaf, {labels[best]} recalls {served:.1%}; the same trained tree with every leaf mixed "
+            f"(soft routing, the compute of all {2 ** data['settings']['depth']} leaves) recalls {soft['mean']:.1%}"
+            + (
+                ", so serving one leaf loses most of what training stored."
+                if soft["mean"] - served > 0.5 * soft["mean"]
+                else "."
             )
         )
     gaps = [
