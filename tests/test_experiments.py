@@ -254,7 +254,19 @@ def test_capacity_study_runs_end_to_end(tmp_path):
     out = tmp_path / "results"
     status = cli_main(
         ["experiment", "capacity", *TINY_MODEL, "--people", "4", "--background", "8", "--background-epochs", "2"]
-        + ["--epochs", "2", "--batch-size", "4", "--seeds", "3", "--depth", "1", "--tree-arms", "tree_token"]
+        + [
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--seeds",
+            "3",
+            "--depth",
+            "1",
+            "--tree-arms",
+            "tree_token",
+            "tree_sequence",
+        ]
         + ["--out", str(out), "--quiet"]
     )
     assert status == 0
@@ -272,7 +284,8 @@ def test_capacity_study_runs_end_to_end(tmp_path):
         "frozen_router": "tree_frozen_router",
     }
     runs = {run["arm"]: run for run in data["runs"]}
-    assert list(runs) == ["lora1", "lora2", "tree_token", "tree_frozen_router"]
+    assert list(runs) == ["lora1", "lora2", "tree_token", "tree_sequence", "tree_frozen_router"]
+    assert runs["tree_sequence"]["active_params_per_token"] == 272  # the sequence router runs once per sequence
     assert runs["lora2"]["trainable_params"] == 2 * 272 and runs["lora2"]["recall_soft"] is None
     assert (
         runs["tree_token"]["active_params_per_token"] == runs["tree_frozen_router"]["active_params_per_token"] == 407
@@ -286,8 +299,9 @@ def test_capacity_study_runs_end_to_end(tmp_path):
         if run["arm"].startswith("tree"):
             assert run["soft_minus_hard_recall"] == run["recall_soft"] - run["recall"]
             assert run["soft_minus_hard_loss"] == pytest.approx(run["held_out_loss_soft"] - run["held_out_loss"])
+            assert 0.0 <= run["leaf_usage_entropy"] <= 1.0
     assert data["summary"]["lora1"]["recall"]["n"] == 1
-    assert data["verdict"]["best_tree"] == "tree_token" and "one seed" in data["verdict"]["text"]
+    assert data["verdict"]["best_tree"] in ("tree_token", "tree_sequence") and "one seed" in data["verdict"]["text"]
     page = (out / "RESULTS.md").read_text()
     assert "## Study 3: capacity at matched compute" in page and "capacity.png" in page
     assert data["verdict"]["text"] in page

@@ -32,7 +32,7 @@ from transformers import set_seed
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import TreeLoraUsageError
-from ..runner import run_training
+from ..runner import leaf_usage, run_training
 from .common import DOCS_DIR, Arm, command_line, versions, write_json
 from .facts import (
     FIRST_NAMES,
@@ -95,7 +95,9 @@ class CapacitySettings:
     sequence-routed tree 22 s. A one-seed run of the default arms (3 LoRAs, 2 tree variants, the frozen-router
     control) while the machine also ran other work (load 1.2-1.9): base 51 s, LoRA r=1, 3, 8 24-27 s, token tree 39 s,
     sequence tree 32 s, frozen-router control 42 s, 247 s wall in all (evaluations about 7 s). Three seeds are then
-    about 12.5 min, leaving room for two planned tree variants (about 40 s each per seed) within 20 minutes. In that
+    about 12.5 min, leaving room for two planned tree variants (about 40 s each per seed) within 20 minutes. The
+    default three-seed run took 15.0 min while another job kept the second core busy (load average 2 to 5): base
+    47-96 s, LoRAs 23-51 s, token tree 46 s, sequence tree 28-36 s, frozen-router control 39-65 s. In the one-seed
     run LoRA r=1 recalled 6 % of the held-out facts, LoRA r=3 32 % and LoRA r=8 79 %: at N=64 the narrow LoRA is
     capacity-bound and the wide one is not. (At N=32, half the time, the facts study measured LoRA r=1 at 13-17 %
     and LoRA r=8 at 82-87 %; at N=128, twice the time, LoRA r=8 fell to 52-67 %.)
@@ -414,6 +416,10 @@ def _score(
     """One run's figures: the served model first, then (trees) the same model with soft inference routing."""
     model = result.model
     scores = recall_scores(model, tokenizer, people, queries)
+    # Leaf usage is counted here, after the recall queries, not taken from the runner: when the held-out blocks are
+    # one evaluation batch, the runner's counting pass repeats the Trainer's last evaluation input exactly, which
+    # the routing context takes for a continuation of that batch, so a sequence router records nothing.
+    usage = leaf_usage(model, eval_blocks, 64) if arm.kind == "tree" else None
     loss = held_out_loss(model, eval_blocks)
     run = {
         "seed": seed,
@@ -440,7 +446,7 @@ def _score(
         run["held_out_loss_soft"] = soft_loss
         run["soft_minus_hard_recall"] = run["recall_soft"] - run["recall"]
         run["soft_minus_hard_loss"] = soft_loss - loss
-        run["leaf_usage_entropy"] = leaf_usage_entropy(result.leaf_usage) if result.leaf_usage else None
+        run["leaf_usage_entropy"] = leaf_usage_entropy(usage) if usage else None
     if frozen is not None:
         run["routers_unchanged"] = frozen.routers_unchanged(model)
     return run

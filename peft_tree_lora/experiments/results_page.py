@@ -376,7 +376,13 @@ def _capacity_section(data: dict[str, Any]) -> list[str]:
     entropies = [
         f"{arm['label']} {mean(v):.2f}"
         for arm in data["arms"]
-        if (v := [r["leaf_usage_entropy"] for r in data["runs"] if r["arm"] == arm["key"] and r["leaf_usage_entropy"]])
+        if (
+            v := [
+                r["leaf_usage_entropy"]
+                for r in data["runs"]
+                if r["arm"] == arm["key"] and r["leaf_usage_entropy"] is not None
+            ]
+        )
     ]
     lines += ["", "**Verdict (computed from the runs).** " + data["verdict"]["text"], ""]
     if entropies:
