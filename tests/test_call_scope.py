@@ -93,3 +93,19 @@ def test_a_failed_direct_call_of_the_adapted_model_leaves_no_route_behind(input_
     layer = model.base_model.model.model.layers[0].self_attn.v_proj
     with pytest.raises(RuntimeError, match="inner modules"):
         layer(torch.randn(input_ids.shape[0], input_ids.shape[1], layer.in_features))
+
+
+def test_holding_routes_scores_a_continuation_with_the_route_of_its_prompt():
+    model = routed_tree("sequence").eval()
+    full = torch.randint(3, 90, (4, 14), generator=torch.Generator().manual_seed(8))
+    prompt_route = model.base_model.leaf_routes(full[:, :6])["sequence"]
+    assert not torch.equal(model.base_model.leaf_routes(full)["sequence"], prompt_route), "pick another seed"
+    with model.base_model.holding_routes():
+        logits(model, full[:, :6])
+        held = logits(model, full)
+    pinned = []
+    for row, leaf in enumerate(prompt_route.tolist()):
+        with model.base_model.pinned_leaf(leaf):
+            pinned.append(logits(model, full[row : row + 1])[0])
+    torch.testing.assert_close(held, torch.stack(pinned))
+    torch.testing.assert_close(logits(model, full[:, :6]), logits(copy.deepcopy(model), full[:, :6]))

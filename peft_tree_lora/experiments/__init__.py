@@ -1,6 +1,6 @@
-"""`tree-lora experiment saturation | facts`: the two reproducible studies behind docs/RESULTS.md.
+"""`tree-lora experiment saturation | facts | capacity`: the reproducible studies behind docs/RESULTS.md.
 
-Both train through `peft_tree_lora.app.runner.run_training` (the HF Trainer), write a JSON file and a PNG plot into the
+All train through `peft_tree_lora.app.runner.run_training` (the HF Trainer), write a JSON file and a PNG plot into the
 output folder (default `docs/`), and then rewrite `RESULTS.md` there from every study result present."""
 
 from __future__ import annotations
@@ -15,15 +15,17 @@ from pathlib import Path
 from ..tuner.errors import TreeLoraUsageError
 from .common import DOCS_DIR
 
-STUDIES = ("saturation", "facts")
+STUDIES = ("saturation", "facts", "capacity")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Add the `saturation` and `facts` sub-commands, one option per study setting (defaults as in the study)."""
+    """Add the `saturation`, `facts` and `capacity` sub-commands, one option per study setting (defaults as in the
+    study)."""
+    from .capacity import CapacitySettings
     from .facts import FactsSettings
     from .saturation import SaturationSettings
 
-    studies = parser.add_subparsers(dest="study", metavar="{saturation,facts}", required=True)
+    studies = parser.add_subparsers(dest="study", metavar="{saturation,facts,capacity}", required=True)
     described = {
         "saturation": (
             SaturationSettings,
@@ -33,6 +35,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "facts": (
             FactsSettings,
             "teach adapters N synthetic people's facts and measure held-out-paraphrase recall and bits per parameter",
+        ),
+        "capacity": (
+            CapacitySettings,
+            "at one N, compare tree variants with LoRA r, the compute-matched LoRA, LoRA r*2**d and a frozen-router "
+            "control over several seeds: held-out recall, bits per active parameter, hard-vs-soft gap, a verdict",
         ),
     }
     for name, (settings_class, help_text) in described.items():
@@ -54,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the study named by `args.study`; returns the exit status."""
     import torch
 
+    from .capacity import CapacitySettings, run_capacity
     from .facts import FactsSettings, run_facts
     from .results_page import write_results_page
     from .saturation import SaturationSettings, run_saturation
@@ -76,10 +84,15 @@ def run(args: argparse.Namespace) -> int:
         settings = _settings_from_args(SaturationSettings, args)
         data = run_saturation(settings, out, show_progress=not args.quiet)
         summary = f"pretraining: {data['pretrain']['stop_reason']}"
-    else:
+    elif args.study == "facts":
         settings = _settings_from_args(FactsSettings, args)
         data = run_facts(settings, out, show_progress=not args.quiet, append=args.append)
         summary = f"{len(data['runs'])} adapter runs"
+    else:
+        settings = _settings_from_args(CapacitySettings, args)
+        data = run_capacity(settings, out, show_progress=not args.quiet)
+        summary = f"{len(data['runs'])} adapter runs"
+        print(f"verdict: {data['verdict']['text']}")
     if not args.no_page:
         page = write_results_page(out)
         print(f"wrote {page}")
@@ -94,10 +107,20 @@ def _add_settings_options(parser: argparse.ArgumentParser, settings_class: type)
         option = "--" + spec.name.replace("_", "-")
         default = getattr(defaults, spec.name)
         hint = hints[spec.name]
-        if typing.get_origin(hint) is list:
+        if hint is bool:
+            parser.add_argument(
+                option, action=argparse.BooleanOptionalAction, default=None, help=f"default: {default}"
+            )
+        elif typing.get_origin(hint) is list:
             (item,) = typing.get_args(hint)
             parser.add_argument(
-                option, type=item, nargs="+", default=None, help=f"default: {' '.join(map(str, default))}"
+                option,
+                type=item,
+                nargs="+",
+                default=None,
+                choices=spec.metadata.get("choices"),
+                metavar=spec.name.upper() if spec.metadata.get("choices") else None,
+                help=spec.metadata.get("help", "") + f"default: {' '.join(map(str, default))}",
             )
         else:
             parser.add_argument(option, type=hint, default=None, help=f"default: {default}")

@@ -62,7 +62,8 @@ def tiny_llama(
 
 @dataclass(frozen=True)
 class Arm:
-    """One compared way of going on training: `kind` is "full", "lora" or "tree"."""
+    """One compared way of going on training: `kind` is "full", "lora" or "tree". `options` are further
+    TreeLoraConfig arguments of a tree arm, as (name, value) pairs; they override `routing`."""
 
     key: str
     label: str
@@ -70,6 +71,7 @@ class Arm:
     rank: int = 0
     depth: int = 0
     routing: str = "token"
+    options: tuple[tuple[str, Any], ...] = ()
 
     def adapter_config(self, alpha_per_rank: float = 2.0) -> PeftConfig | None:
         """The PEFT config of this arm; every adapter uses lora_alpha = alpha_per_rank * its rank, so that all of
@@ -80,13 +82,14 @@ class Arm:
             return LoraConfig(
                 r=self.rank, lora_alpha=alpha_per_rank * self.rank, target_modules="all-linear", task_type="CAUSAL_LM"
             )
+        settings = {"routing": self.routing, **dict(self.options)}
         return TreeLoraConfig(
             depth=self.depth,
             r=self.rank,
             lora_alpha=alpha_per_rank * self.rank,
             target_modules="all-linear",
-            routing=self.routing,
             task_type="CAUSAL_LM",
+            **settings,
         )
 
 

@@ -13,7 +13,8 @@ import functools
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,10 +231,38 @@ def answers_correct(logits: torch.Tensor, input_ids: torch.Tensor, answer_mask: 
     return ((predicted == target) | ~mask).all(dim=1)
 
 
+@contextmanager
+def soft_inference(model: torch.nn.Module) -> Iterator[None]:
+    """Evaluate a TreeLoRA model with soft inference routing (every leaf mixed by its path probability, as in
+    training) inside the block; afterwards every adapter is back at its configured inference routing."""
+    tuner = getattr(model, "base_model", None)
+    if not isinstance(tuner, TreeLoraModel):
+        raise TreeLoraUsageError("soft inference routing needs a TreeLoRA model.")
+    tuner.set_inference_routing("soft")
+    try:
+        yield
+    finally:
+        for adapter, config in model.peft_config.items():
+            tuner.set_inference_routing(config.inference_routing, adapter)
+
+
 @torch.no_grad()
-def exact_match(model: torch.nn.Module, queries: list[tuple[str, list[int], list[int]]], pad: int) -> list[bool]:
-    """Exact-match recall of every query under the model's inference routing (hard: one leaf). A sequence-routed
-    tree picks its leaf from the prompt alone, as `generate()` does, so the answer cannot steer the route."""
+def exact_match(
+    model: torch.nn.Module, queries: list[tuple[str, list[int], list[int]]], pad: int, soft: bool = False
+) -> list[bool]:
+    """Exact-match recall of every query under the model's inference routing (hard: one leaf), or with `soft`, of a
+    TreeLoRA model under soft routing (all leaves mixed), restored afterwards. A sequence-routed tree picks its
+    leaf (or, soft, its mixture) from the prompt alone, as `generate()` does, so the answer cannot steer the
+    route."""
+    if soft:
+        with soft_inference(model):
+            return _exact_match(model, queries, pad, soft=True)
+    return _exact_match(model, queries, pad, soft=False)
+
+
+def _exact_match(
+    model: torch.nn.Module, queries: list[tuple[str, list[int], list[int]]], pad: int, soft: bool
+) -> list[bool]:
     model.eval()
     tuner = getattr(model, "base_model", None)
     sequence_routed = isinstance(tuner, TreeLoraModel) and any(
@@ -253,6 +282,19 @@ def exact_match(model: torch.nn.Module, queries: list[tuple[str, list[int], list
         prompt_attention[row, : len(prompt)] = True
     correct = torch.zeros(len(queries), dtype=torch.bool)
     batch = 512
+    if sequence_routed and soft:
+        # A pinned leaf would override the soft mixture. Instead each batch of equally long prompts is routed from
+        # the prompts alone and scored with its answers inside one routing call, which holds the prompts' route.
+        lengths = [len(p) for _, p, _ in queries]
+        for length in sorted(set(lengths)):
+            same = [row for row, n in enumerate(lengths) if n == length]
+            for start in range(0, len(same), batch):
+                rows = torch.tensor(same[start : start + batch])
+                with tuner.holding_routes():
+                    model(input_ids=input_ids[rows, :length], attention_mask=attention[rows, :length].long())
+                    logits = model(input_ids=input_ids[rows], attention_mask=attention[rows].long()).logits
+                correct[rows] = answers_correct(logits, input_ids[rows], answer_mask[rows])
+        return correct.tolist()
     for start in range(0, len(queries), batch):
         rows = slice(start, start + batch)
         if sequence_routed:
@@ -346,6 +388,86 @@ class FactsSettings:
             raise TreeLoraUsageError("--seeds needs at least one seed.")
 
 
+@dataclass
+class TrainedBase:
+    """One seed's base model after full training on the background people: its weights (`state`, to start every
+    adapter run from), the trained model itself (`model`, dropped by the caller when done), the people, and the
+    facts for the results page (`info`)."""
+
+    seed: int
+    state: dict[str, torch.Tensor]
+    model: Any
+    model_length: int
+    background: list[Person]
+    study_people: list[Person]
+    info: dict[str, Any]
+
+
+def pretrain_base(
+    settings: Any,
+    tokenizer: WordTokenizer,
+    seed: int,
+    study_count: int,
+    show_progress: bool,
+    say: Callable[[str], None],
+) -> TrainedBase:
+    """Train the base of one seed in full on `settings.background` people (all four paraphrases, through the
+    runner) and draw `study_count` study people after them. `settings` is a `FactsSettings` or any settings object
+    with its model and base fields (`hidden`, `layers`, `heads`, `intermediate`, `background`,
+    `background_epochs`, `base_batch_size`, `base_lr`, `batch_size`)."""
+    background = generate_people(settings.background, seed)
+    study_people = generate_people(study_count, seed, skip=settings.background)
+    base_train = document_blocks(tokenizer, background, settings.background_epochs, seed, include_held_out=True)
+    base_eval = held_out_blocks(tokenizer, study_people[: min(64, len(study_people))])
+    model_length = 2 * max(base_train.shape[1], 64)
+
+    fresh_model = functools.partial(facts_model, settings, tokenizer.vocab_size, model_length, seed, None)
+
+    say(f"seed {seed}: training the base on {settings.background} background people")
+    base_steps = max(1, base_train.shape[0] // settings.base_batch_size)
+    base = run_training(
+        "base",
+        fresh_model,
+        base_train,
+        base_eval,
+        train_settings(settings, base_steps, settings.base_lr, seed, show_progress, settings.base_batch_size),
+    )
+    base_state = {k: v.detach().clone() for k, v in base.model.state_dict().items()}
+    background_queries = recall_queries(tokenizer, background[:256])
+    background_recall = exact_match(base.model, background_queries, tokenizer.eos_token_id)
+    info = {
+        "seed": seed,
+        "params": sum(p.numel() for p in base.model.parameters()),
+        "steps": base.steps_done,
+        "train_seconds": base.train_seconds,
+        "background_recall": sum(background_recall) / len(background_recall),
+    }
+    say(f"seed {seed}: base recalls {info['background_recall']:.1%} of background facts")
+    return TrainedBase(seed, base_state, base.model, model_length, background, study_people, info)
+
+
+def recall_scores(
+    model: torch.nn.Module,
+    tokenizer: WordTokenizer,
+    people: list[Person],
+    queries: list[tuple[str, list[int], list[int]]] | None = None,
+) -> dict[str, Any]:
+    """Held-out-paraphrase recall of `people` under the model's inference routing, recall of a seen paraphrase,
+    facts recalled, accuracy per attribute and bits (Fano lower bound). `queries` defaults to
+    `recall_queries(tokenizer, people)`."""
+    queries = recall_queries(tokenizer, people) if queries is None else queries
+    held = exact_match(model, queries, tokenizer.eos_token_id)
+    seen = exact_match(model, recall_queries(tokenizer, people, held_out=False), tokenizer.eos_token_id)
+    bits, accuracy = knowledge_bits(held, [q[0] for q in queries], len(people))
+    return {
+        "recall": sum(held) / len(held),
+        "recall_seen_paraphrase": sum(seen) / len(seen),
+        "facts_recalled": sum(held),
+        "accuracy_by_attribute": accuracy,
+        "bits": bits,
+    }
+
+
 def run_facts(
     settings: FactsSettings, out_dir: Path = DOCS_DIR, show_progress: bool = True, append: bool = False
 ) -> dict:
@@ -361,40 +483,13 @@ def run_facts(
     runs: list[dict[str, Any]] = []
     bases: list[dict[str, Any]] = []
     for seed in settings.seeds:
-        background = generate_people(settings.background, seed)
-        study_people = generate_people(max(settings.people), seed, skip=settings.background)
-        base_train = document_blocks(tokenizer, background, settings.background_epochs, seed, include_held_out=True)
-        base_eval = held_out_blocks(tokenizer, study_people[: min(64, len(study_people))])
-        model_length = 2 * max(base_train.shape[1], 64)
-
-        fresh_model = functools.partial(_facts_model, settings, tokenizer.vocab_size, model_length, seed, None)
-
-        _say(f"seed {seed}: training the base on {settings.background} background people", show_progress)
-        base_steps = max(1, base_train.shape[0] // settings.base_batch_size)
-        base = run_training(
-            "base",
-            fresh_model,
-            base_train,
-            base_eval,
-            _train_settings(settings, base_steps, settings.base_lr, seed, show_progress, settings.base_batch_size),
+        base = pretrain_base(
+            settings, tokenizer, seed, max(settings.people), show_progress, lambda m: _say(m, show_progress)
         )
-        base_state = {k: v.detach().clone() for k, v in base.model.state_dict().items()}
-        background_queries = recall_queries(tokenizer, background[:256])
-        background_recall = exact_match(base.model, background_queries, tokenizer.eos_token_id)
-        bases.append(
-            {
-                "seed": seed,
-                "params": sum(p.numel() for p in base.model.parameters()),
-                "steps": base.steps_done,
-                "train_seconds": base.train_seconds,
-                "background_recall": sum(background_recall) / len(background_recall),
-            }
-        )
-        _say(f"seed {seed}: base recalls {bases[-1]['background_recall']:.1%} of background facts", show_progress)
+        bases.append(base.info)
         for people_count in settings.people:
-            people = study_people[:people_count]
+            people = base.study_people[:people_count]
             queries = recall_queries(tokenizer, people)
-            attributes = [q[0] for q in queries]
             before = exact_match(base.model, queries, tokenizer.eos_token_id)
             train_blocks = document_blocks(tokenizer, people, settings.epochs, seed, include_held_out=False)
             eval_blocks = held_out_blocks(tokenizer, people[:64])
@@ -404,25 +499,26 @@ def run_facts(
 
                 result = run_training(
                     arm.key,
-                    functools.partial(_facts_model, settings, tokenizer.vocab_size, model_length, seed, base_state),
+                    functools.partial(
+                        facts_model, settings, tokenizer.vocab_size, base.model_length, seed, base.state
+                    ),
                     train_blocks,
                     eval_blocks,
-                    _train_settings(settings, steps, settings.adapter_lr, seed, show_progress),
+                    train_settings(settings, steps, settings.adapter_lr, seed, show_progress),
                     adapter_config=arm.adapter_config(),
                 )
-                held = exact_match(result.model, queries, tokenizer.eos_token_id)
-                seen = exact_match(result.model, recall_queries(tokenizer, people, held_out=False), 0)
-                bits, accuracy = knowledge_bits(held, attributes, people_count)
+                scores = recall_scores(result.model, tokenizer, people, queries)
+                bits = scores["bits"]
                 runs.append(
                     {
                         "seed": seed,
                         "people": people_count,
                         "arm": arm.key,
-                        "recall": sum(held) / len(held),
+                        "recall": scores["recall"],
                         "recall_before": sum(before) / len(before),
-                        "recall_seen_paraphrase": sum(seen) / len(seen),
-                        "facts_recalled": sum(held),
-                        "accuracy_by_attribute": accuracy,
+                        "recall_seen_paraphrase": scores["recall_seen_paraphrase"],
+                        "facts_recalled": scores["facts_recalled"],
+                        "accuracy_by_attribute": scores["accuracy_by_attribute"],
                         "bits": bits,
                         "trainable_params": result.trainable_params,
                         "active_params_per_token": result.active_params_per_token,
@@ -489,10 +585,11 @@ def merge_results(previous: dict[str, Any], new: dict[str, Any]) -> dict[str, An
     return merged
 
 
-def _facts_model(
-    settings: FactsSettings, vocab_size: int, length: int, seed: int, state: dict[str, torch.Tensor] | None
+def facts_model(
+    settings: Any, vocab_size: int, length: int, seed: int, state: dict[str, torch.Tensor] | None
 ) -> torch.nn.Module:
-    """The study's tiny Llama, fresh or (with `state`) a copy of the trained base."""
+    """The study's tiny Llama, fresh or (with `state`) a copy of the trained base; `settings` is any settings object
+    with `hidden`, `layers`, `heads` and `intermediate`."""
     model = tiny_llama(
         vocab_size, settings.hidden, settings.layers, settings.heads, settings.intermediate, length, seed=seed
     )
@@ -501,9 +598,11 @@ def _facts_model(
     return model
 
 
-def _train_settings(
-    settings: FactsSettings, steps: int, lr: float, seed: int, show_progress: bool, batch_size: int | None = None
+def train_settings(
+    settings: Any, steps: int, lr: float, seed: int, show_progress: bool, batch_size: int | None = None
 ) -> TrainSettings:
+    """The runner settings of one run: held-out loss four times a run, a warm-up of a tenth of the steps (at most
+    10), and the batch size of `settings` unless `batch_size` is given."""
     return TrainSettings(
         steps=steps,
         batch_size=batch_size or settings.batch_size,

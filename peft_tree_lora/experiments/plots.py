@@ -100,3 +100,78 @@ def plot_facts(data: dict[str, Any], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def plot_capacity(data: dict[str, Any], path: Path) -> None:
+    """Left: served held-out recall per arm (bar: mean over seeds, whiskers: min to max, dots: seeds; open diamonds:
+    the same trees with soft routing), each bar labelled with its active adapter parameters per token. Right: recall
+    against active parameters per token."""
+    figure, (bars, scatter) = plt.subplots(1, 2, figsize=(14, 5.2), gridspec_kw={"width_ratios": [3, 2]})
+    lora_seen = 0
+    tree_seen = 0
+    for index, arm in enumerate(data["arms"]):
+        runs = [r for r in data["runs"] if r["arm"] == arm["key"]]
+        if not runs:
+            continue
+        if arm["kind"] == "lora":
+            colour = ("tab:blue", "tab:green", "tab:cyan")[min(lora_seen, 2)]
+            lora_seen += 1
+        elif "frozen_router" in arm.get("roles", []):
+            colour = "tab:gray"
+        else:
+            colour = ("tab:red", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive")[tree_seen % 6]
+            tree_seen += 1
+        recall = [r["recall"] for r in runs]
+        mean = sum(recall) / len(recall)
+        active = runs[0]["active_params_per_token"]
+        bars.bar(index, mean, color=colour, alpha=0.8)
+        if len(recall) > 1:
+            bars.errorbar(index, mean, yerr=[[mean - min(recall)], [max(recall) - mean]], color="black", capsize=4)
+        bars.scatter([index] * len(recall), recall, color="black", s=12, zorder=3)
+        soft = [r["recall_soft"] for r in runs if r.get("recall_soft") is not None]
+        if soft:
+            bars.scatter([index + 0.25] * len(soft), soft, marker="D", facecolors="none", edgecolors=colour, zorder=3)
+        bars.annotate(
+            f"{active:,}\nper token",
+            (index, max(recall)),
+            textcoords="offset points",
+            xytext=(0, 6),
+            ha="center",
+            fontsize=7,
+        )
+        scatter.errorbar(
+            active,
+            mean,
+            yerr=[[mean - min(recall)], [max(recall) - mean]],
+            fmt="o",
+            color=colour,
+            capsize=3,
+            label=arm["label"],
+        )
+    bars.set_xticks(range(len(data["arms"])))
+    bars.set_xticklabels([_short_label(a) for a in data["arms"]], rotation=30, ha="right", fontsize=8)
+    bars.set_ylabel("held-out-paraphrase recall (served: one leaf)")
+    bars.set_ylim(0, 1.08)
+    bars.scatter([], [], marker="D", facecolors="none", edgecolors="black", label="same tree, soft routing")
+    bars.scatter([], [], color="black", s=12, label="one seed")
+    bars.legend(fontsize=8, loc="upper left")
+    seeds = len(data["settings"]["seeds"])
+    bars.set_title(f"N={data['settings']['people']} people, {seeds} seed{'s' * (seeds > 1)}: mean, min-max, seeds")
+    scatter.set_xscale("log")
+    scatter.set_xlabel("adapter parameters active per token (routers included)")
+    scatter.set_ylabel("held-out-paraphrase recall")
+    scatter.set_ylim(0, 1.05)
+    scatter.grid(alpha=0.3)
+    scatter.legend(fontsize=7, loc="upper left")
+    for axis in (bars, scatter):
+        axis.grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _short_label(arm: dict[str, Any]) -> str:
+    label = arm["label"].replace("TreeLoRA ", "tree ")
+    if "compute_matched" in arm.get("roles", []):
+        label += " (compute-matched)"
+    return label

@@ -66,6 +66,7 @@ class RoutingCall:
 
     training: bool = False
     hold_sequence_route: bool = False  # generate: the prompt's sequence route serves every step of the call
+    shared: bool = False  # opened by `TreeLoraModel.holding_routes`: the model calls inside it all join it
     routing_mask: torch.Tensor | None = None  # (batch, seq) bool: the positions a sequence route may pool over
     sequence: dict[str, SequenceRoute] = field(default_factory=dict)
     blocks: dict[tuple[str, str], BlockRoute] = field(default_factory=dict)

@@ -196,15 +196,24 @@ class TreeLoraModel(BaseTuner):
         """Run the model in a call of its own. In training with `labels`, the returned loss includes the routers'
         auxiliary losses (detached here: their gradients flow from the layers that computed them, see
         `routing.attach_auxiliary_loss`), and `outputs.aux_loss` holds them."""
+        current = current_call()
+        if current is not None and current.shared:
+            first_aux = len(current.aux_losses)
+            outputs = self.model(*args, **kwargs)
+            aux = torch.stack(current.aux_losses[first_aux:]).sum() if current.aux_losses[first_aux:] else None
+            return self._with_aux(outputs, aux, kwargs)
         call = self._new_call()
         with entered(call):
             outputs = self.model(*args, **kwargs)
-        aux = call.aux_total()
+        outputs = self._with_aux(outputs, call.aux_total(), kwargs)
+        call.end(outputs, kwargs)
+        return outputs
+
+    def _with_aux(self, outputs: Any, aux: torch.Tensor | None, kwargs: dict[str, Any]) -> Any:
         loss = getattr(outputs, "loss", None)
         if aux is not None and self.training and kwargs.get("labels") is not None and loss is not None:
             outputs["loss"] = loss + aux.to(loss.dtype)
             outputs["aux_loss"] = aux
-        call.end(outputs, kwargs)
         return outputs
 
     @contextmanager
@@ -216,10 +225,25 @@ class TreeLoraModel(BaseTuner):
                 "TreeLoRA does not support adapter_names= (a different adapter per row of one batch); call the model "
                 "once per adapter with model.set_adapter(name)."
             )
+        current = current_call()
+        if current is not None and current.shared:
+            yield
+            return
         call = self._new_call(hold_sequence_route=True)
         with entered(call):
             yield
         call.end(None, kwargs)
+
+    @contextmanager
+    def holding_routes(self) -> Iterator[RoutingCall]:
+        """One routing call for every model call made inside the block (in this thread), as `generate` has: a
+        sequence route picked by the first call holds for the later ones. The log-likelihood pattern of a
+        sequence-routed tree: call the model on the prompts, then on prompt + continuation, inside one block."""
+        call = self._new_call(hold_sequence_route=True)
+        call.shared = True
+        with entered(call):
+            yield call
+        call.end(None, {})
 
     @contextmanager
     def recording(self, recorder: RouteRecorder) -> Iterator[RouteRecorder]:

@@ -1,0 +1,520 @@
+"""Study 3: capacity at matched compute. Does a tree of LoRA leaves store more facts than one LoRA that costs a token
+as much? The facts study's synthetic people and pretrained word-level base, one people count N at which LoRA r is
+capacity-bound, and per seed the same optimiser, steps, learning rate and batch for every arm:
+
+- LoRA r (the tree's rank), the **compute-matched LoRA** (the smallest rank whose parameters per token reach the
+  tree's active parameters per token, routers included; computed from the tree model, not written down), and LoRA
+  r * 2**d (as many parameters as all the leaves);
+- the tree variants of `TREE_VARIANTS` chosen by `--tree-arms`, and a **frozen-router control**: the default tree
+  with its routers left at their random initialisation.
+
+Each trained model is scored as served (evaluation mode, the adapter's configured inference routing: one leaf) on
+held-out-paraphrase recall, recall of a seen paraphrase, facts stored, bits (Fano) and bits per active parameter,
+and every tree again with soft inference routing, whose difference from the served figures is the hard-vs-soft gap.
+A verdict line says whether the best tree variant beats the compute-matched LoRA on every seed by more than the seed
+spread, and whether it beats the frozen-router control."""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftConfig, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from transformers import set_seed
+from transformers.pytorch_utils import Conv1D
+
+from ..app.runner import leaf_usage, run_training
+from ..tuner.errors import TreeLoraUsageError
+from .capacity_verdict import summarise, verdict
+from .common import DOCS_DIR, Arm, command_line, versions, write_json
+from .facts import (
+    FIRST_NAMES,
+    LAST_NAMES,
+    WordTokenizer,
+    document_blocks,
+    exact_match,
+    facts_model,
+    held_out_blocks,
+    pretrain_base,
+    recall_queries,
+    recall_scores,
+    soft_inference,
+    train_settings,
+)
+from .saturation import leaf_usage_entropy
+
+RESULT_FILE = "capacity.json"
+PLOT_FILE = "capacity.png"
+
+
+@dataclass(frozen=True)
+class TreeVariant:
+    """A tree arm: TreeLoraConfig arguments on top of the default tree (depth d, rank r, lora_alpha 2 r, every linear
+    layer, the config's defaults: token routing, hard training) and runner settings (e.g. a router learning-rate
+    ratio). A new variant is one more line of `TREE_VARIANTS`."""
+
+    key: str
+    label: str
+    config: tuple[tuple[str, Any], ...] = ()
+    training: tuple[tuple[str, Any], ...] = ()
+
+
+ROUTERS_2X = (("router_lr_ratio", 2.0),)
+TREE_VARIANTS: list[TreeVariant] = [
+    TreeVariant("tree", "token routing, hard training (the defaults)"),
+    TreeVariant("tree_router_lr2", "token routing, hard training, routers at 2x the learning rate", (), ROUTERS_2X),
+    TreeVariant("tree_block", "block routing, hard training, routers at 2x", (("routing", "block"),), ROUTERS_2X),
+    TreeVariant(
+        "tree_sequence",
+        "sequence routing (first 8 tokens), hard training, routers at 2x",
+        (("routing", "sequence"), ("sequence_route_tokens", 8)),
+        ROUTERS_2X,
+    ),
+    TreeVariant("tree_switch", "token routing, switch training", (("training_routing", "switch"),)),
+    TreeVariant(
+        "tree_soft",
+        "token routing, soft training (hardening 0.05), served with one leaf",
+        (("training_routing", "soft"), ("hardening_loss_weight", 0.05)),
+    ),
+]
+DEFAULT_TREE_ARMS = ("tree", "tree_router_lr2", "tree_block", "tree_sequence", "tree_soft")
+FROZEN_ROUTER_KEY = "tree_frozen_router"
+ROUTER_PARAMETER = "treelora_router"  # in the name of every router parameter (token and sequence routers)
+
+
+@dataclass
+class CapacitySettings:
+    """Defaults sized to finish within about 20 minutes on 2 idle CPU cores (timings in the results page).
+
+    N=32 people (128 facts): LoRA r=1 recalls well under LoRA r=8 there (capacity-bound) while LoRA r=8 recalls
+    most facts (not bound). The learning rate of every arm is chosen by one rule: the best held-out recall over
+    `lr_grid` on the people of `validation_seed`, who are not the test people; the test seeds then train each arm at
+    its chosen rate. Design choices (the router learning-rate ratio, the sequence prefix) were explored on seed 0,
+    which is therefore not a test seed.
+
+    The model is the facts study's word-level Llama (hidden 64, 4 layers, 4 heads, SwiGLU 176, tied embeddings,
+    about 0.23 M parameters), pretrained in full on `background` other people per seed; every arm of a seed starts
+    from that seed's base."""
+
+    people: int = 32
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    validation_seed: int = 100
+    lr_grid: list[float] = field(default_factory=lambda: [0.01, 0.02])
+    tree_arms: list[str] = field(
+        default_factory=lambda: list(DEFAULT_TREE_ARMS),
+        metadata={
+            "choices": [v.key for v in TREE_VARIANTS],
+            "help": f"tree variants, of {', '.join(v.key for v in TREE_VARIANTS)}; ",
+        },
+    )
+    frozen_router: bool = True
+    rank: int = 1
+    depth: int = 3
+    epochs: int = 60
+    batch_size: int = 16
+    background: int = 200
+    background_epochs: int = 40
+    base_batch_size: int = 32
+    base_lr: float = 5e-3
+    hidden: int = 64
+    layers: int = 4
+    heads: int = 4
+    intermediate: int = 176
+
+    def validate(self) -> None:
+        for name in (
+            "people",
+            "epochs",
+            "batch_size",
+            "background",
+            "background_epochs",
+            "base_batch_size",
+            "hidden",
+            "layers",
+            "heads",
+            "intermediate",
+        ):
+            if getattr(self, name) < 1:
+                raise TreeLoraUsageError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}.")
+        if self.hidden % self.heads:
+            raise TreeLoraUsageError(f"--hidden ({self.hidden}) must be a multiple of --heads ({self.heads}).")
+        if self.rank < 1 or not 1 <= self.depth <= 10:
+            raise TreeLoraUsageError(f"--rank must be >= 1 and --depth in 1..10; got {self.rank}, {self.depth}.")
+        if not self.lr_grid or not all(0 < lr < 1 for lr in self.lr_grid):
+            raise TreeLoraUsageError(f"--lr-grid needs one or more learning rates in (0, 1); got {self.lr_grid}.")
+        if not 0 < self.base_lr < 1:
+            raise TreeLoraUsageError(f"--base-lr must be in (0, 1); got {self.base_lr}.")
+        capacity = len(FIRST_NAMES) * len(LAST_NAMES)
+        if self.background + self.people > capacity:
+            raise TreeLoraUsageError(
+                f"background + people must stay within the {capacity} distinct names; got "
+                f"{self.background} + {self.people}."
+            )
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise TreeLoraUsageError(f"--seeds needs one or more distinct seeds; got {self.seeds}.")
+        if len(self.lr_grid) > 1 and self.validation_seed in self.seeds:
+            raise TreeLoraUsageError(
+                f"--validation-seed {self.validation_seed} is also a test seed: the learning rates would be chosen "
+                "on the test people."
+            )
+        known = [v.key for v in TREE_VARIANTS]
+        unknown = [key for key in self.tree_arms if key not in known]
+        if not self.tree_arms or unknown or len(set(self.tree_arms)) != len(self.tree_arms):
+            raise TreeLoraUsageError(
+                f"--tree-arms needs one or more distinct names from {known}; got {self.tree_arms}."
+            )
+
+
+@dataclass(frozen=True)
+class StudyArm:
+    """An arm of the study: its adapter (`arm`), its roles (`lora_r`, `lora_all_leaves`, `compute_matched:<tree>`,
+    `tree`, `frozen_router`), runner settings on top of the shared ones, and for the control whether its routers are
+    frozen after the adapter is attached."""
+
+    arm: Arm
+    roles: tuple[str, ...]
+    training: tuple[tuple[str, Any], ...] = ()
+    freeze_router: bool = False
+
+    @property
+    def key(self) -> str:
+        return self.arm.key
+
+
+def variant(key: str) -> TreeVariant:
+    return next(v for v in TREE_VARIANTS if v.key == key)
+
+
+def tree_arm(key: str, settings: CapacitySettings) -> Arm:
+    """The `Arm` of a tree variant of `TREE_VARIANTS`."""
+    chosen = variant(key)
+    label = f"TreeLoRA d={settings.depth} r={settings.rank}, {chosen.label}"
+    return Arm(key, label, "tree", settings.rank, settings.depth, options=chosen.config)
+
+
+def checked_config(arm: Arm) -> PeftConfig:
+    """The arm's adapter config; a tree arm whose arguments TreeLoraConfig rejects stops the study with a message
+    that names the arm and the arguments."""
+    try:
+        return arm.adapter_config()
+    except (TypeError, ValueError) as error:
+        options = ", ".join(f"{name}={value!r}" for name, value in arm.options) or "no extra arguments"
+        raise TreeLoraUsageError(
+            f"tree arm {arm.key!r} ({arm.label}) asks TreeLoraConfig for {options}, which this version of "
+            f"peft_tree_lora rejects: {str(error).rstrip('.')}. Leave it out of --tree-arms (today's defaults: "
+            f"{' '.join(DEFAULT_TREE_ARMS)})."
+        ) from None
+
+
+def lora_params_per_rank(model: torch.nn.Module) -> int:
+    """What one rank of LoRA costs on the layers `model`'s adapter adapts: in + out features, summed over every
+    adapted Linear (or Conv1D) layer."""
+    total = 0
+    for module in model.modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        base = module.get_base_layer()
+        if isinstance(base, torch.nn.Linear):
+            total += base.in_features + base.out_features
+        elif isinstance(base, Conv1D):
+            total += sum(base.weight.shape)
+    return total
+
+
+def compute_matched_rank(tree_model: torch.nn.Module) -> dict[str, int]:
+    """The smallest LoRA rank k with k x (in + out), summed over the tree's adapted layers, at least the tree's
+    active parameters per token (one leaf per layer plus the routers a token runs: `depth` per module for token
+    routing, per block for block routing, none per token for sequence routing)."""
+    active = tree_model.base_model.parameter_counts()["active_per_token"]
+    per_rank = lora_params_per_rank(tree_model)
+    if per_rank == 0:
+        raise TreeLoraUsageError("the tree model has no adapted Linear layers to match a LoRA to.")
+    return {"rank": max(1, math.ceil(active / per_rank)), "tree_active_per_token": active, "per_rank": per_rank}
+
+
+def study_arms(settings: CapacitySettings, matched: dict[str, dict[str, int]]) -> list[StudyArm]:
+    """LoRA r, each tree's compute-matched LoRA and LoRA r * 2**d (one arm per distinct rank, holding every role that
+    rank plays), the chosen tree variants, then the frozen-router control (the default tree, routers frozen)."""
+    lora_roles: dict[int, list[str]] = {}
+    roles = [("lora_r", settings.rank), ("lora_all_leaves", settings.rank * 2**settings.depth)]
+    roles += [(f"compute_matched:{key}", figures["rank"]) for key, figures in matched.items()]
+    for role, rank in roles:
+        lora_roles.setdefault(rank, []).append(role)
+    arms = [
+        StudyArm(Arm(f"lora{rank}", f"LoRA r={rank}", "lora", rank=rank), tuple(roles))
+        for rank, roles in sorted(lora_roles.items())
+    ]
+    arms += [StudyArm(tree_arm(key, settings), ("tree",), variant(key).training) for key in settings.tree_arms]
+    if settings.frozen_router:
+        default = tree_arm(TREE_VARIANTS[0].key, settings)
+        control = Arm(
+            FROZEN_ROUTER_KEY,
+            f"{default.label}, routers frozen at init",
+            "tree",
+            default.rank,
+            default.depth,
+            options=default.options,
+        )
+        arms.append(StudyArm(control, ("frozen_router",), freeze_router=True))
+    return arms
+
+
+class FrozenRouterFactory:
+    """Builds the control for `run_training` (which takes a model factory and then no adapter config): the base from
+    `factory`, the tree attached after seeding as the runner does, then every router parameter frozen. It keeps the
+    routers' initial values to check afterwards that training left them alone."""
+
+    def __init__(self, factory: Callable[[], torch.nn.Module], config: PeftConfig, seed: int) -> None:
+        self.factory, self.config, self.seed = factory, config, seed
+        self.initial: dict[str, torch.Tensor] = {}
+
+    def __call__(self) -> torch.nn.Module:
+        model = self.factory()
+        set_seed(self.seed)
+        model = get_peft_model(model, self.config)
+        self.initial = {}
+        for name, parameter in model.named_parameters():
+            if ROUTER_PARAMETER in name:
+                parameter.requires_grad_(False)
+                self.initial[name] = parameter.detach().clone()
+        if not self.initial:
+            raise RuntimeError(f"no parameter named '*{ROUTER_PARAMETER}*' to freeze in the tree model.")
+        return model
+
+    def routers_unchanged(self, model: torch.nn.Module) -> bool:
+        current = dict(model.named_parameters())
+        return all(torch.equal(current[name].detach(), value) for name, value in self.initial.items())
+
+
+@torch.no_grad()
+def held_out_loss(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 64) -> float:
+    """Mean next-token loss on `blocks` in evaluation mode (the model's current inference routing), weighted by
+    block like the runner's evaluation."""
+    model.eval()
+    total = 0.0
+    for start in range(0, blocks.shape[0], batch_size):
+        batch = blocks[start : start + batch_size]
+        total += float(model(input_ids=batch, labels=batch).loss) * batch.shape[0]
+    return total / blocks.shape[0]
+
+
+@dataclass
+class SeedData:
+    """What every arm of one seed shares: the base (as a factory), the people, their queries and blocks."""
+
+    seed: int
+    base_factory: Callable[[], torch.nn.Module]
+    people: list
+    queries: list
+    train_blocks: torch.Tensor
+    eval_blocks: torch.Tensor
+    steps: int
+    base_info: dict[str, Any]
+
+
+def seed_data(settings: CapacitySettings, tokenizer: WordTokenizer, seed: int, show_progress: bool) -> SeedData:
+    base = pretrain_base(settings, tokenizer, seed, settings.people, show_progress, lambda m: _say(m, show_progress))
+    people = base.study_people
+    queries = recall_queries(tokenizer, people)
+    before = exact_match(base.model, queries, tokenizer.eos_token_id)
+    info = {**base.info, "recall_before": sum(before) / len(before)}
+    base.model = None
+    train_blocks = document_blocks(tokenizer, people, settings.epochs, seed, include_held_out=False)
+    factory = functools.partial(facts_model, settings, tokenizer.vocab_size, base.model_length, seed, base.state)
+    steps = max(1, train_blocks.shape[0] // settings.batch_size)
+    return SeedData(seed, factory, people, queries, train_blocks, held_out_blocks(tokenizer, people[:64]), steps, info)
+
+
+def train_arm(
+    study_arm: StudyArm, data: SeedData, lr: float, settings: CapacitySettings, tokenizer, show_progress: bool
+) -> dict[str, Any]:
+    """Train one arm on one seed's data at learning rate `lr` and score it."""
+    arm = study_arm.arm
+    config = checked_config(arm)
+    frozen = FrozenRouterFactory(data.base_factory, config, data.seed) if study_arm.freeze_router else None
+    training = replace(train_settings(settings, data.steps, lr, data.seed, show_progress), **dict(study_arm.training))
+    result = run_training(
+        arm.key,
+        frozen or data.base_factory,
+        data.train_blocks,
+        data.eval_blocks,
+        training,
+        adapter_config=None if frozen else config,
+    )
+    run = _score(result, arm, data.seed, tokenizer, data.people, data.queries, data.eval_blocks, frozen)
+    run["learning_rate"] = lr
+    result.model = None
+    return run
+
+
+def run_capacity(settings: CapacitySettings, out_dir: Path = DOCS_DIR, show_progress: bool = True) -> dict:
+    """Run the whole study, write `capacity.json` and `capacity.png` into `out_dir`, and return the result dict."""
+    settings.validate()
+    started = time.perf_counter()
+    tokenizer = WordTokenizer()
+
+    # Every tree arm's config is built before any training, so that an arm this version rejects stops the study now.
+    matched = {}
+    for key in settings.tree_arms:
+        probe = get_peft_model(
+            facts_model(settings, tokenizer.vocab_size, 128, settings.seeds[0], None),
+            checked_config(tree_arm(key, settings)),
+        )
+        matched[key] = compute_matched_rank(probe)
+    arms = study_arms(settings, matched)
+    for key, figures in matched.items():
+        _say(
+            f"{key} touches {figures['tree_active_per_token']:,} adapter parameters per token; LoRA costs "
+            f"{figures['per_rank']:,} per rank, so its compute-matched LoRA has r={figures['rank']}",
+            show_progress,
+        )
+
+    validation: list[dict[str, Any]] = []
+    chosen = {a.key: settings.lr_grid[0] for a in arms}
+    if len(settings.lr_grid) > 1:
+        data = seed_data(settings, tokenizer, settings.validation_seed, show_progress)
+        for study_arm in arms:
+            tried = []
+            for lr in settings.lr_grid:
+                _say(f"validation seed {data.seed}: {study_arm.arm.label}, learning rate {lr}", show_progress)
+                run = train_arm(study_arm, data, lr, settings, tokenizer, show_progress)
+                tried.append(run)
+                validation.append({"arm": study_arm.key, "learning_rate": lr, "recall": run["recall"]})
+            chosen[study_arm.key] = max(tried, key=lambda r: (r["recall"], -r["learning_rate"]))["learning_rate"]
+            _say(f"  chosen learning rate {chosen[study_arm.key]}", show_progress)
+
+    runs: list[dict[str, Any]] = []
+    bases: list[dict[str, Any]] = []
+    for seed in settings.seeds:
+        data = seed_data(settings, tokenizer, seed, show_progress)
+        bases.append(data.base_info)
+        for study_arm in arms:
+            _say(f"seed {seed}: N={settings.people}, {study_arm.arm.label}", show_progress)
+            run = train_arm(study_arm, data, chosen[study_arm.key], settings, tokenizer, show_progress)
+            matched_rank = next((matched[r.split(":")[1]] for r in study_arm.roles if ":" in r), None)
+            if matched_rank is not None and run["trainable_params"] != study_arm.arm.rank * matched_rank["per_rank"]:
+                raise RuntimeError(
+                    f"LoRA r={study_arm.arm.rank} trains {run['trainable_params']:,} parameters, not "
+                    f"{study_arm.arm.rank} x {matched_rank['per_rank']:,}: it adapts other layers than the tree."
+                )
+            runs.append(run)
+            _say(_progress_line(run), show_progress)
+
+    data_out = {
+        "study": "capacity",
+        "command": command_line(),
+        "versions": versions(),
+        "settings": asdict(settings),
+        "vocab_size": tokenizer.vocab_size,
+        "compute_matched": matched,
+        "learning_rates": chosen,
+        "validation": validation,
+        "tree_variants": [
+            {
+                "key": v.key,
+                "label": v.label,
+                "options": dict(v.config),
+                "training": dict(v.training),
+                "default": v.key in DEFAULT_TREE_ARMS,
+            }
+            for v in TREE_VARIANTS
+        ],
+        "bases": bases,
+        "arms": [
+            {
+                "key": a.key,
+                "label": a.arm.label,
+                "kind": a.arm.kind,
+                "rank": a.arm.rank,
+                "depth": a.arm.depth,
+                "options": dict(a.arm.options),
+                "training": dict(a.training),
+                "roles": list(a.roles),
+            }
+            for a in arms
+        ],
+        "roles": {role: a.key for a in arms for role in a.roles if role != "tree"},
+        "runs": runs,
+    }
+    data_out["summary"] = summarise(data_out["runs"], [a.key for a in arms])
+    data_out["verdict"] = verdict(data_out)
+    data_out["wall_seconds"] = time.perf_counter() - started
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from .plots import plot_capacity
+
+    plot_capacity(data_out, out_dir / PLOT_FILE)
+    data_out["plot"] = PLOT_FILE
+    write_json(out_dir / RESULT_FILE, data_out)
+    return data_out
+
+
+def _score(
+    result: Any,
+    arm: Arm,
+    seed: int,
+    tokenizer: WordTokenizer,
+    people: list,
+    queries: list,
+    eval_blocks: torch.Tensor,
+    frozen: FrozenRouterFactory | None,
+) -> dict[str, Any]:
+    """One run's figures: the served model first, then (trees) the same model with soft inference routing."""
+    model = result.model
+    scores = recall_scores(model, tokenizer, people, queries)
+    # Leaf usage is counted here, after the recall queries, not taken from the runner: when the held-out blocks are
+    # one evaluation batch, the runner's counting pass repeats the Trainer's last evaluation input exactly, which
+    # the routing context takes for a continuation of that batch, so a sequence router records nothing.
+    usage = leaf_usage(model, eval_blocks, 64) if arm.kind == "tree" else None
+    loss = held_out_loss(model, eval_blocks)
+    run = {
+        "seed": seed,
+        "arm": arm.key,
+        **scores,
+        "bits_per_active_param": scores["bits"] / result.active_params_per_token,
+        "bits_per_adapter_param": scores["bits"] / result.trainable_params,
+        "held_out_loss": loss,
+        "trainable_params": result.trainable_params,
+        "active_params_per_token": result.active_params_per_token,
+        "recall_soft": None,
+        "held_out_loss_soft": None,
+        "soft_minus_hard_recall": None,
+        "soft_minus_hard_loss": None,
+        "leaf_usage_entropy": None,
+        "train_seconds": result.train_seconds,
+        "steps": result.steps_done,
+    }
+    if arm.kind == "tree":
+        soft = exact_match(model, queries, tokenizer.eos_token_id, soft=True)
+        with soft_inference(model):
+            soft_loss = held_out_loss(model, eval_blocks)
+        run["recall_soft"] = sum(soft) / len(soft)
+        run["held_out_loss_soft"] = soft_loss
+        run["soft_minus_hard_recall"] = run["recall_soft"] - run["recall"]
+        run["soft_minus_hard_loss"] = soft_loss - loss
+        run["leaf_usage_entropy"] = leaf_usage_entropy(usage) if usage else None
+    if frozen is not None:
+        run["routers_unchanged"] = frozen.routers_unchanged(model)
+    return run
+
+
+def _progress_line(run: dict[str, Any]) -> str:
+    line = (
+        f"  held-out recall {run['recall']:.1%} (seen paraphrase {run['recall_seen_paraphrase']:.1%}), "
+        f"{run['bits']:.0f} bits, {run['bits_per_active_param']:.3f} bits/active param, "
+        f"{run['train_seconds']:.0f} s"
+    )
+    if run["recall_soft"] is not None:
+        line += f"; soft routing: recall {run['recall_soft']:.1%}, loss {run['soft_minus_hard_loss']:+.3f}"
+    return line
+
+
+def _say(message: str, show: bool) -> None:
+    if show:
+        print(f"[capacity] {message}", flush=True)
