@@ -198,6 +198,20 @@ def test_plugin_modules_become_subcommands(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.strip() == "plugged inplugged in"
 
 
+def test_bench_runs_the_checkouts_benchmark_and_says_where_there_is_none(monkeypatch, capsys):
+    from peft_tree_lora.app.cli import bench
+
+    assert bench.find_benchmark() is not None  # this source checkout has benchmarks/tree_lora_bench
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "--quick" in capsys.readouterr().out
+    monkeypatch.setattr(bench, "find_benchmark", lambda: None)  # as from an installed wheel
+    for argv in (["bench", "--quick"], ["bench", "--help"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "run it from a checkout" in err[0]
+
+
 def test_an_import_error_in_a_sub_command_is_shown_not_hidden(tmp_path, monkeypatch):
     (tmp_path / "tree_lora_broken_plugin.py").write_text("import tree_lora_no_such_module\n")
     monkeypatch.syspath_prepend(str(tmp_path))

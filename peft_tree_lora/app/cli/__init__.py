@@ -27,7 +27,7 @@ COMMANDS = {
     "generate": ("peft_tree_lora.app.cli.generate", "generate text from a base model with a TreeLoRA adapter"),
 }
 PLUGINS = {
-    "bench": ("peft_tree_lora.bench", "measure speed and memory of TreeLoRA against LoRA"),
+    "bench": ("peft_tree_lora.app.cli.bench", "measure speed and memory of TreeLoRA against LoRA"),
     "export": (
         "peft_tree_lora.integrations.export",
         "export the leaves of a sequence-routed tree as plain LoRA adapters",
@@ -37,10 +37,19 @@ PLUGINS = {
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad argument raises instead of printing usage: `main` prints one line and returns 2."""
+    """argparse, but a bad argument raises instead of printing usage: `main` prints one line and returns 2.
+
+    A sub-command that cannot run here sets `unavailable` to say why; its arguments are then not parsed at all."""
+
+    unavailable: str | None = None
 
     def error(self, message: str):
         raise TreeLoraUsageError(f"{message} (see: {self.prog} --help)")
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self.unavailable:
+            raise TreeLoraUsageError(self.unavailable)
+        return super().parse_known_args(args, namespace)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
