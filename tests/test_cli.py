@@ -176,7 +176,7 @@ def test_inspect_and_generate_refuse_a_lora_adapter(command, assets, tmp_path, c
     extra = ["--prompt", "x"] if command == "generate" else []
     assert main([command, str(tmp_path / "lora"), "--model", str(assets["model"]), *extra]) == 2
     err = capsys.readouterr().err
-    assert "LORA adapter, not TreeLoRA" in err and len(err.strip().splitlines()) == 1
+    assert "LORA adapter, not a TreeLoRA one" in err and len(err.strip().splitlines()) == 1
 
 
 def test_plugin_modules_become_subcommands(tmp_path, monkeypatch, capsys):

@@ -31,6 +31,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ...tuner.routing import num_leaves
     from ..data import load_corpus
     from ..report import results_table, write_report
     from ..runner import run_training
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     shared = adapter_settings(args, model)
     train_blocks, eval_blocks = token_blocks(args, tokenizer, corpus)
     alpha_per_rank = (args.alpha / args.rank) if args.alpha is not None else 2.0
-    big_rank = args.rank * 2**args.depth
+    big_rank = args.rank * num_leaves(args.depth)
     runs = [
         (f"LoRA r={args.rank}", f"lora-r{args.rank}", lora_config(args.rank, alpha_per_rank * args.rank, shared)),
         (f"TreeLoRA d={args.depth} r={args.rank}", f"treelora-d{args.depth}-r{args.rank}", tree_config(args, shared)),

@@ -23,6 +23,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ...tuner.layer import TreeLoraLinear
+    from ...tuner.routing import num_leaves, num_nodes
     from ..data import load_corpus, tokenize_blocks
     from ..report import layer_usage
     from ..runner import leaf_usage
@@ -35,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
     base_params = sum(p.numel() for n, p in model.named_parameters() if "treelora_" not in n)
     print(f"TreeLoRA adapter {args.adapter}")
     print(
-        f"  tree: depth {depth}, {2**depth} leaves of rank {rank}, {2**depth - 1} routers per tree; routing: "
-        f"{config['routing']} (inference: {config.get('inference_routing', 'hard')})"
+        f"  tree: depth {depth}, {num_leaves(depth)} leaves of rank {rank}, {num_nodes(depth)} routers per tree; "
+        f"routing: {config['routing']} (inference: {config.get('inference_routing', 'hard')})"
     )
     print(f"  adapted modules: {len(modules)} ({', '.join(sorted({m.rsplit('.', 1)[-1] for m in modules}))})")
     print(
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
             raise TreeLoraUsageError(f"--file {args.file!r} has fewer than --seq-len {args.seq_len} tokens.")
         labels, fractions = layer_usage(leaf_usage(model, blocks))
         print(f"\nleaf usage over {blocks.shape[0]} blocks of {args.file} (share of tokens per leaf):")
-        print("  " + " " * 12 + " ".join(f"{leaf:>6d}" for leaf in range(2**depth)))
+        print("  " + " " * 12 + " ".join(f"{leaf:>6d}" for leaf in range(num_leaves(depth))))
         for label, row in zip(labels, fractions):
             print(f"  {label:<12}" + " ".join(f"{value:6.2f}" for value in row))
     return 0

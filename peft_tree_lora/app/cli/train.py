@@ -23,6 +23,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ...tuner.routing import num_leaves
     from ..data import load_corpus
     from ..report import layer_usage
     from ..runner import run_training
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         busiest = [max(row) for row in fractions]
         print(
             f"leaf usage: the busiest leaf serves {min(busiest):.0%}-{max(busiest):.0%} of tokens per layer "
-            f"({2**args.depth} leaves; uniform would be {1 / 2**args.depth:.0%})"
+            f"({num_leaves(args.depth)} leaves; uniform would be {1 / num_leaves(args.depth):.0%})"
         )
     print(f"saved to {output}")
     if args.push_to_hub:
