@@ -28,6 +28,7 @@ from transformers import PreTrainedModel, PrinterCallback, Trainer, TrainerCallb
 
 from ..integrations.files import staged_files
 from ..integrations.hub import save_pretrained as save_with_card
+from ..integrations.telemetry import RoutingTelemetryCallback
 from ..tuner.errors import TreeLoraUsageError
 from ..tuner.model import TreeLoraModel
 from .data import BlockDataset
@@ -338,13 +339,4 @@ class _PeriodicSaver(TrainerCallback):
 
 
 def _telemetry_callbacks(tree: TreeLoraModel | None) -> list[TrainerCallback]:
-    if tree is None:
-        return []
-    try:
-        from ..integrations.telemetry import RoutingTelemetryCallback
-    except ImportError:
-        return []
-    try:
-        return [RoutingTelemetryCallback()]
-    except TypeError:
-        return []
+    return [] if tree is None else [RoutingTelemetryCallback()]
