@@ -1,7 +1,7 @@
 """TreeLoRA against PEFT LoRA, side by side: `python benchmarks/bench_tree_lora.py [--quick]`.
 
-The same benchmark as `tree-lora bench`; it lives in `peft_tree_lora/bench.py`. Writes `benchmarks/results.md` and
-`benchmarks/bench_depth.png`.
+The same benchmark as `tree-lora bench` (from a source checkout); it lives in `benchmarks/tree_lora_bench/`. Writes
+`benchmarks/results.md` and `benchmarks/bench_depth.png`.
 """
 
 import sys
@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from peft_tree_lora.bench import main  # noqa: E402
+from benchmarks.tree_lora_bench import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

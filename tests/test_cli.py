@@ -176,7 +176,7 @@ def test_inspect_and_generate_refuse_a_lora_adapter(command, assets, tmp_path, c
     extra = ["--prompt", "x"] if command == "generate" else []
     assert main([command, str(tmp_path / "lora"), "--model", str(assets["model"]), *extra]) == 2
     err = capsys.readouterr().err
-    assert "LORA adapter, not TreeLoRA" in err and len(err.strip().splitlines()) == 1
+    assert "LORA adapter, not a TreeLoRA one" in err and len(err.strip().splitlines()) == 1
 
 
 def test_plugin_modules_become_subcommands(tmp_path, monkeypatch, capsys):
@@ -196,6 +196,61 @@ def test_plugin_modules_become_subcommands(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("peft_tree_lora.app.cli.PLUGINS", {"fake": ("tree_lora_fake_plugin", "a test plug-in")})
     assert main(["fake", "--times", "2"]) == 7
     assert capsys.readouterr().out.strip() == "plugged inplugged in"
+
+
+def test_bench_runs_the_checkouts_benchmark_and_says_where_there_is_none(monkeypatch, capsys):
+    from peft_tree_lora.app.cli import bench
+
+    assert bench.find_benchmark() is not None  # this source checkout has benchmarks/tree_lora_bench
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "--quick" in capsys.readouterr().out
+    monkeypatch.setattr(bench, "find_benchmark", lambda: None)  # as from an installed wheel
+    for argv in (["bench", "--quick"], ["bench", "--help"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "run it from a checkout" in err[0]
+
+
+def test_an_import_error_in_a_sub_command_is_shown_not_hidden(tmp_path, monkeypatch):
+    (tmp_path / "tree_lora_broken_plugin.py").write_text("import tree_lora_no_such_module\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("peft_tree_lora.app.cli.PLUGINS", {"broken": ("tree_lora_broken_plugin", "a broken plug-in")})
+    with pytest.raises(ModuleNotFoundError, match="tree_lora_no_such_module"):
+        main(["broken"])
+
+
+HELP_IMPORTS = """
+import importlib, json, sys
+import peft_tree_lora
+
+def loaded_by(call):
+    before = set(sys.modules)
+    try:
+        call()
+    except SystemExit:
+        pass
+    return sorted(name for name in set(sys.modules) - before if name.startswith(("peft_tree_lora", "benchmarks")))
+
+loaded = {"cli": loaded_by(lambda: importlib.import_module("peft_tree_lora.app.cli"))}
+main = sys.modules["peft_tree_lora.app.cli"].main
+loaded["help"] = loaded_by(lambda: main(["--help"]))
+loaded["train"] = loaded_by(lambda: main(["train", "--help"]))
+print("LOADED " + json.dumps(loaded))
+"""
+
+
+def test_a_sub_command_module_is_imported_only_when_that_command_runs():
+    done = subprocess.run([sys.executable, "-c", HELP_IMPORTS], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = json.loads(done.stdout.split("LOADED ", 1)[1])
+    assert loaded["cli"] == ["peft_tree_lora.app", "peft_tree_lora.app.cli"]
+    assert loaded["help"] == []
+    assert "peft_tree_lora.app.cli.train" in loaded["train"]
+    for other in ("compare", "inspect", "generate", "bench"):
+        assert f"peft_tree_lora.app.cli.{other}" not in loaded["train"]
+    assert not [name for name in loaded["train"] if name.startswith(("peft_tree_lora.experiments", "benchmarks"))]
+    assert "peft_tree_lora.app.runner" not in loaded["train"]  # the training code loads when training starts
 
 
 def test_python_dash_m_reports_bad_input_without_a_traceback(tmp_path):

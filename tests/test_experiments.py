@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model
 
 from peft_tree_lora import TreeLoraConfig
 from peft_tree_lora.app.cli import main as cli_main
-from peft_tree_lora.experiments import capacity, capacity_verdict
+from peft_tree_lora.experiments import capacity, capacity_verdict, facts
 from peft_tree_lora.experiments.common import Arm
 from peft_tree_lora.experiments.facts import (
     ATTRIBUTES,
@@ -113,7 +113,7 @@ def test_soft_exact_match_restores_hard_routing_and_differs_from_it():
     model.eval()
     batch = torch.tensor([[5, 9, 12, 7, 30, 31]])
     hard_logits = model(input_ids=batch).logits
-    with capacity.soft_inference(model):
+    with facts.soft_inference(model):
         soft_logits = model(input_ids=batch).logits
     assert not torch.allclose(hard_logits, soft_logits)
     exact_match(model, [("x", [5, 9], [12])], pad=0, soft=True)

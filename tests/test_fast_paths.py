@@ -11,8 +11,8 @@ import torch
 from conftest import VOCAB, make_tiny_llama
 from peft import get_peft_model
 
+from benchmarks.tree_lora_bench import configure_parser, run
 from peft_tree_lora import TreeLoraConfig
-from peft_tree_lora.bench import configure_parser, run
 from peft_tree_lora.tuner import leaves, routing
 
 IN, OUT, RANK = 24, 40, 4

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..integrations.files import is_hub_id
 from ..tuner.errors import TreeLoraUsageError
 
 EMBEDDED = "embedded"
@@ -76,7 +77,7 @@ def load_corpus(source: str) -> TextCorpus:
         path = Path(source).expanduser()
         if path.exists():
             corpus = _local_corpus(path)
-        elif "/" in source and not source.startswith((".", "/", "~")) and source.count("/") == 1:
+        elif is_hub_id(source, owner_required=True):
             corpus = _hub_corpus(source)
         else:
             raise TreeLoraUsageError(

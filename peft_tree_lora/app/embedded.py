@@ -16,13 +16,12 @@ import importlib.util
 import json
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from ..integrations.files import staged_directory
 from ..tuner.errors import TreeLoraUsageError
 from .data import TextCorpus, split_by_name
 
@@ -90,21 +89,11 @@ def _convert(source: Path, target: Path, stamp: dict[str, Any], verbose: bool) -
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     say(f"  [3/3] writing safetensors ({time.perf_counter() - started:.0f} s so far)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
-    try:
+    # another process may finish the same conversion first: its copy is kept when it is complete
+    with staged_directory(target, replace=True, complete=lambda folder: (folder / STAMP).is_file()) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / STAMP).write_text(json.dumps(stamp))
-        if target.exists():
-            shutil.rmtree(target)
-        try:
-            os.replace(staging, target)
-        except OSError:  # another process finished the same conversion first
-            if not (target / STAMP).is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     say(f"  done in {time.perf_counter() - started:.0f} s; later runs load the copy directly")
 
 

@@ -26,8 +26,10 @@ import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
+from ..integrations.files import staged_files
 from ..integrations.hub import save_pretrained as save_with_card
 from ..integrations.optim import tree_lora_param_groups
+from ..integrations.telemetry import RoutingTelemetryCallback
 from ..tuner.errors import TreeLoraUsageError
 from ..tuner.model import TreeLoraModel
 from .data import BlockDataset
@@ -219,9 +221,7 @@ def save_atomically(
 ) -> None:
     """Save the adapter (or model) into `output_dir` so that an interruption never leaves a half-written file:
     everything is written to a sibling temporary folder first and then moved in file by file."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=output_dir))
-    try:
+    with staged_files(output_dir) as staging:
         if isinstance(getattr(model, "base_model", None), TreeLoraModel):
             save_with_card(model, staging)
         else:
@@ -230,13 +230,6 @@ def save_atomically(
             run_info = run_info.to_dict()
         if run_info is not None:
             (staging / RUN_FILE).write_text(json.dumps(run_info, indent=2) + "\n")
-        for item in sorted(staging.rglob("*")):
-            if item.is_file():
-                target = output_dir / item.relative_to(staging)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(item, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _tree_tuner(model: torch.nn.Module) -> TreeLoraModel | None:
@@ -355,13 +348,4 @@ class _PeriodicSaver(TrainerCallback):
 
 
 def _telemetry_callbacks(tree: TreeLoraModel | None) -> list[TrainerCallback]:
-    if tree is None:
-        return []
-    try:
-        from ..integrations.telemetry import RoutingTelemetryCallback
-    except ImportError:
-        return []
-    try:
-        return [RoutingTelemetryCallback()]
-    except TypeError:
-        return []
+    return [] if tree is None else [RoutingTelemetryCallback()]

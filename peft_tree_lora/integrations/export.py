@@ -15,27 +15,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
 
 from ..tuner.errors import TreeLoraUsageError
 from ..tuner.router import TreeRouter
+from ..tuner.routing import num_leaves
 from ..tuner.sequence_router import pooled_prefix
+from .files import PEFT_PREFIX, PEFT_TYPE, staged_directory, tree_adapter_config
 
 if TYPE_CHECKING:
     from peft import PeftModel
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 ROUTER_WEIGHTS = "router.safetensors"
 ROUTER_SPEC = "router.json"
 ROUTER_FORMAT = "peft-tree-lora-router"
-PEFT_PREFIX = "base_model.model."
 
 
 @dataclass
@@ -53,7 +51,7 @@ class TreeWeights:
 
     @property
     def num_leaves(self) -> int:
-        return 2**self.depth
+        return num_leaves(self.depth)
 
     def modules(self) -> list[str]:
         """Module paths (relative to the base model) that carry leaves."""
@@ -100,7 +98,7 @@ def _read_model(model: PeftModel, adapter_name: str | None) -> TreeWeights:
     if name not in model.peft_config:
         raise TreeLoraUsageError(f"No adapter named {name!r}; the model has {sorted(model.peft_config)}.")
     config = model.peft_config[name].to_dict()
-    config["peft_type"] = "TREELORA"
+    config["peft_type"] = PEFT_TYPE
     config["target_modules"] = _jsonable(config.get("target_modules"))
     state = {k: v.detach().to("cpu").clone() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
     conv1d = set()
@@ -113,18 +111,11 @@ def _read_model(model: PeftModel, adapter_name: str | None) -> TreeWeights:
 def _read_directory(directory: Path) -> TreeWeights:
     from safetensors.torch import load_file
 
-    config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    if not config_file.is_file():
-        hint = " (a directory written by model.save_pretrained)" if directory.is_dir() else ""
-        raise TreeLoraUsageError(f"{str(directory)!r} holds no {CONFIG_NAME}: give a saved TreeLoRA adapter{hint}.")
-    config = json.loads(config_file.read_text())
-    if config.get("peft_type") != "TREELORA":
-        raise TreeLoraUsageError(
-            f"{str(directory)!r} holds a {config.get('peft_type')} adapter, not a TreeLoRA one; nothing to export."
-        )
+    config = tree_adapter_config(directory, remedy="Export reads TreeLoRA adapters only.")
+    weights_file = directory / SAFETENSORS_WEIGHTS_NAME
     if not weights_file.is_file():
         raise TreeLoraUsageError(
-            f"{str(directory)!r} has no {WEIGHTS_NAME}: export reads safetensors weights only (save with "
+            f"{str(directory)!r} has no {SAFETENSORS_WEIGHTS_NAME}: export reads safetensors weights only (save with "
             "safe_serialization=True, the default)."
         )
     return TreeWeights(config, load_file(str(weights_file)), None, repr(str(directory)))
@@ -200,7 +191,8 @@ def export_leaf(
     tree = read_tree(adapter, adapter_name)
     check_exportable(tree)
     check_leaf(tree, leaf)
-    with _fresh_directory(out_dir) as staging:
+    _refuse_non_empty(out_dir)
+    with staged_directory(out_dir) as staging:
         _write_leaf(tree, leaf, staging)
     return Path(out_dir)
 
@@ -212,7 +204,8 @@ def export_leaves(
     `out_dir/router.safetensors` with `out_dir/router.json`, the recipe for choosing a leaf per request."""
     tree = read_tree(adapter, adapter_name)
     check_exportable(tree)
-    with _fresh_directory(out_dir) as staging:
+    _refuse_non_empty(out_dir)
+    with staged_directory(out_dir) as staging:
         leaves = [f"leaf_{k}" for k in range(tree.num_leaves)]
         for k, name in enumerate(leaves):
             _write_leaf(tree, k, staging / name)
@@ -226,7 +219,7 @@ def _write_leaf(tree: TreeWeights, leaf: int, directory: Path) -> None:
     config, state = leaf_lora(tree, leaf)
     directory.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(directory))
-    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(state, str(directory / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
 
 
 def _write_router(tree: TreeWeights, directory: Path, leaves: list[str]) -> None:
@@ -276,32 +269,16 @@ def _write_router(tree: TreeWeights, directory: Path, leaves: list[str]) -> None
     (directory / ROUTER_SPEC).write_text(json.dumps(spec, indent=2) + "\n")
 
 
-class _fresh_directory:
-    """Build the export in a staging directory next to `out_dir` and move it into place at the end, so that a
-    failed export leaves nothing behind and an existing non-empty directory is never written into."""
-
-    def __init__(self, out_dir: str | os.PathLike) -> None:
-        self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and (not self.out_dir.is_dir() or any(self.out_dir.iterdir())):
-            kind = "directory" if self.out_dir.is_dir() else "file"
-            raise TreeLoraUsageError(
-                f"{str(self.out_dir)!r} already exists and is a non-empty {kind}; export writes into a new or empty "
-                "directory only, so nothing there is overwritten."
-            )
-
-    def __enter__(self) -> Path:
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = self.out_dir.parent / f".{self.out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.staging.mkdir()
-        return self.staging
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.staging, ignore_errors=True)
-            return
-        if self.out_dir.exists():
-            self.out_dir.rmdir()  # empty, checked on entry
-        os.replace(self.staging, self.out_dir)
+def _refuse_non_empty(out_dir: str | os.PathLike) -> None:
+    """Export writes into a new or empty directory only (built next to it and moved into place at the end, so a
+    failed export leaves nothing behind)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        kind = "directory" if out_dir.is_dir() else "file"
+        raise TreeLoraUsageError(
+            f"{str(out_dir)!r} already exists and is a non-empty {kind}; export writes into a new or empty "
+            "directory only, so nothing there is overwritten."
+        )
 
 
 # --- routing as a server would do it --------------------------------------------------------------------------

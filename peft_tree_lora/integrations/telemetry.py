@@ -36,7 +36,7 @@ from ..tuner.call import RoutingCall
 from ..tuner.errors import TreeLoraUsageError
 from ..tuner.layer import TreeLoraLayer
 from ..tuner.model import TreeLoraModel
-from ..tuner.routing import hardening_loss, load_balance_loss, path_probs
+from ..tuner.routing import hardening_loss, load_balance_loss, num_leaves, path_probs
 from ..tuner.sequence_router import TreeLoraSequenceRouter
 
 TELEMETRY_KEYS = (
@@ -97,7 +97,7 @@ class RoutingTelemetry:
             key = (record.module_name, record.adapter)
             logits = record.logits.float().reshape(-1, record.logits.shape[-1])
             depth = int(math.log2(logits.shape[-1] + 1))
-            counts = torch.bincount(record.leaf.reshape(-1), minlength=2**depth)
+            counts = torch.bincount(record.leaf.reshape(-1), minlength=num_leaves(depth))
             previous = self.leaf_counts.get(key)
             self.leaf_counts[key] = counts.clone() if previous is None else previous + counts
             hardening.append(hardening_loss(logits))
