@@ -115,11 +115,10 @@ def run(args: argparse.Namespace) -> int:
 
     if "train" in sections:
         log("training step: building variants")
-        models = {
-            REFERENCE: lora_variant(base, 8, targets),
-            "TreeLoRA d=4 token": tree_variant(base, 4, "token", targets),
-            "LoRA r=128": lora_variant(base, 128, targets),
-        }
+        models = {REFERENCE: lora_variant(base, 8, targets)}
+        for mode in ("hard", "switch", "soft"):  # each training routing, against LoRA r and LoRA r * 2**d
+            models[f"TreeLoRA d=4 token, {mode} training"] = tree_variant(base, 4, "token", targets, None, mode)
+        models["LoRA r=128"] = lora_variant(base, 128, targets)
         tasks = {name: timed(training_step(model, input_ids)) for name, model in models.items()}
         results += interleaved("training step", tasks, rounds, 1, rng, log).values()
         del models, tasks

@@ -54,8 +54,9 @@ def lora_variant(base, r: int, targets):
     return get_peft_model(share_base(base), config)
 
 
-def tree_variant(base, depth: int, routing: str, targets, donor=None):
-    """TreeLoRA r=8; with `donor` (a TreeLoRA of the same depth), the leaves are `donor`'s tensors, which saves the
+def tree_variant(base, depth: int, routing: str, targets, donor=None, training_routing: str = "hard"):
+    """TreeLoRA r=8 (trained with `training_routing`); with `donor` (a TreeLoRA of the same depth), the leaves are
+    `donor`'s tensors, which saves the
     memory of a second copy of a deep tree's leaves (the timing does not depend on their values)."""
     from peft import get_peft_model
 
@@ -68,6 +69,7 @@ def tree_variant(base, depth: int, routing: str, targets, donor=None):
         r=8,
         lora_alpha=16,
         routing=routing,
+        training_routing=training_routing,
         target_modules=targets,
         init_lora_weights=False,
         task_type="CAUSAL_LM",
