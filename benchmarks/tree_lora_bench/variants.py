@@ -56,8 +56,8 @@ def lora_variant(base, r: int, targets):
 
 def tree_variant(base, depth: int, routing: str, targets, donor=None, training_routing: str = "hard"):
     """TreeLoRA r=8 (trained with `training_routing`); with `donor` (a TreeLoRA of the same depth), the leaves are
-    `donor`'s tensors, which saves the
-    memory of a second copy of a deep tree's leaves (the timing does not depend on their values)."""
+    `donor`'s tensors, which saves the memory of a second copy of a deep tree's leaves (the timing does not depend
+    on their values)."""
     from peft import get_peft_model
 
     from peft_tree_lora.tuner.config import TreeLoraConfig
