@@ -70,8 +70,14 @@ def add_tree_options(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_LAYERS,
         help="layers to adapt: 'all', 'lastN' (default last8), 'A-B' or '3,5,7'",
     )
-    group.add_argument("--routing", choices=("token", "sequence"), default="token")
-    group.add_argument("--hardening-weight", type=float_range(0.0, 1e3, high_open=False), default=0.05)
+    group.add_argument("--routing", choices=("token", "block", "sequence"), default="token")
+    group.add_argument(
+        "--training-routing",
+        choices=("hard", "switch", "soft"),
+        default="hard",
+        help="hard (default): train the served function; switch; soft: mix every leaf in training",
+    )
+    group.add_argument("--hardening-weight", type=float_range(0.0, 1e3, high_open=False), default=0.0)
     group.add_argument("--balance-weight", type=float_range(0.0, 1e3, high_open=False), default=0.01)
 
 
@@ -80,6 +86,12 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--steps", type=int_range(1, 10_000_000), default=80)
     group.add_argument("--batch-size", type=int_range(1, 65536), default=8)
     group.add_argument("--lr", type=float_range(0.0, 1.0, low_open=True), default=2e-3, help="learning rate")
+    group.add_argument(
+        "--router-lr-ratio",
+        type=float_range(0.0, 1e3, low_open=True, high_open=False),
+        default=2.0,
+        help="routers learn at lr times this (default 2: it helped the tree on every seed of the capacity study)",
+    )
     group.add_argument("--warmup-steps", type=int_range(0), default=None, help="default: a tenth of --steps")
     group.add_argument("--eval-every", type=int_range(1), default=20, help="held-out loss every N steps")
     group.add_argument("--seed", type=int_range(0, 2**32 - 1), default=0)

@@ -75,6 +75,7 @@ def tree_config(args: argparse.Namespace, shared: dict[str, Any]):
             r=args.rank,
             lora_alpha=args.alpha if args.alpha is not None else 2 * args.rank,
             routing=args.routing,
+            training_routing=args.training_routing,
             hardening_loss_weight=args.hardening_weight,
             load_balance_loss_weight=args.balance_weight,
             task_type="CAUSAL_LM",
@@ -122,6 +123,7 @@ def train_settings(args: argparse.Namespace, save_every: int | None = None):
         warmup_steps=args.warmup_steps,
         save_every=save_every,
         show_progress=not args.quiet,
+        router_lr_ratio=args.router_lr_ratio,
     )
 
 
