@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,7 @@ def plot_capacity(data: dict[str, Any], path: Path) -> None:
     """Left: served held-out recall per arm (bar: mean over seeds, whiskers: min to max, dots: seeds; open diamonds:
     the same trees with soft routing), each bar labelled with its active adapter parameters per token. Right: recall
     against active parameters per token."""
-    figure, (bars, scatter) = plt.subplots(1, 2, figsize=(14, 5.2), gridspec_kw={"width_ratios": [3, 2]})
+    figure, (bars, scatter) = plt.subplots(1, 2, figsize=(14, 6.4), gridspec_kw={"width_ratios": [3, 2]})
     lora_seen = 0
     tree_seen = 0
     for index, arm in enumerate(data["arms"]):
@@ -114,7 +115,7 @@ def plot_capacity(data: dict[str, Any], path: Path) -> None:
         if not runs:
             continue
         if arm["kind"] == "lora":
-            colour = ("tab:blue", "tab:green", "tab:cyan")[min(lora_seen, 2)]
+            colour = ("tab:blue", "tab:green", "tab:cyan", "navy", "teal")[min(lora_seen, 4)]
             lora_seen += 1
         elif "frozen_router" in arm.get("roles", []):
             colour = "tab:gray"
@@ -146,7 +147,7 @@ def plot_capacity(data: dict[str, Any], path: Path) -> None:
             fmt="o",
             color=colour,
             capsize=3,
-            label=arm["label"],
+            label=_short_label(arm),
         )
     bars.set_xticks(range(len(data["arms"])))
     bars.set_xticklabels([_short_label(a) for a in data["arms"]], rotation=30, ha="right", fontsize=8)
@@ -162,7 +163,7 @@ def plot_capacity(data: dict[str, Any], path: Path) -> None:
     scatter.set_ylabel("held-out-paraphrase recall")
     scatter.set_ylim(0, 1.05)
     scatter.grid(alpha=0.3)
-    scatter.legend(fontsize=7, loc="upper left")
+    scatter.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     for axis in (bars, scatter):
         axis.grid(alpha=0.3, axis="y")
     figure.tight_layout()
@@ -171,7 +172,8 @@ def plot_capacity(data: dict[str, Any], path: Path) -> None:
 
 
 def _short_label(arm: dict[str, Any]) -> str:
-    label = arm["label"].replace("TreeLoRA ", "tree ")
-    if "compute_matched" in arm.get("roles", []):
+    label = re.sub(r"TreeLoRA d=\d+ r=\d+, ", "tree: ", arm["label"])
+    label = label.replace("hard training", "hard").replace("the learning rate", "LR").replace(" (the defaults)", "")
+    if any(role.startswith("compute_matched") for role in arm.get("roles", [])):
         label += " (compute-matched)"
     return label
