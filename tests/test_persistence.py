@@ -32,9 +32,9 @@ def load_base(base_dir) -> LlamaForCausalLM:
     return LlamaForCausalLM.from_pretrained(base_dir).eval()
 
 
-def save_adapter(base_dir, out_dir, seed=0, **config):
+def save_adapter(base_dir, out_dir, seed=0, safe_serialization=True, **config):
     model = trained_looking(tree_model(load_base(base_dir), **config), seed=seed).eval()
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=safe_serialization)
     return model
 
 
@@ -212,8 +212,8 @@ def test_invalid_config_value_in_a_saved_adapter_names_the_field(base_dir, tmp_p
     ("damage", "message"),
     [
         ("truncate", "is not a readable safetensors file"),
-        ("delete", "No adapter_model.safetensors in"),
-        ("pickle", "load from safetensors only"),
+        ("delete", "No adapter_model.safetensors or adapter_model.bin in"),
+        ("pickle", "cannot be read as tensors only.*never unpickles code"),
     ],
 )
 def test_unreadable_weights_are_refused_before_the_model_is_touched(base_dir, tmp_path, damage, message):
@@ -225,7 +225,7 @@ def test_unreadable_weights_are_refused_before_the_model_is_touched(base_dir, tm
         weights.unlink()
     else:
         weights.unlink()
-        (tmp_path / "adapter_model.bin").write_bytes(b"not opened")
+        (tmp_path / "adapter_model.bin").write_bytes(b"not a pickle of tensors")
     base = load_base(base_dir)
     for p in base.parameters():
         p.requires_grad_(True)
@@ -255,3 +255,11 @@ def test_a_reloaded_adapter_saves_the_same_config_again(base_dir, tmp_path):
     first = json.loads((tmp_path / "first" / "adapter_config.json").read_text())
     second = json.loads((tmp_path / "second" / "adapter_config.json").read_text())
     assert first == second
+
+
+def test_an_adapter_saved_without_safetensors_loads_with_the_same_outputs(base_dir, tmp_path):
+    model = save_adapter(base_dir, tmp_path, depth=2, routing="token", safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").exists() and not (tmp_path / "adapter_model.safetensors").exists()
+    input_ids = torch.randint(3, 90, (2, 6))
+    reloaded = PeftModel.from_pretrained(load_base(base_dir), tmp_path).eval()
+    torch.testing.assert_close(logits(reloaded, input_ids), logits(model.eval(), input_ids))

@@ -29,18 +29,18 @@ class WeightsSource:
 
 
 def verify_adapter_weights(source: WeightsSource) -> str:
-    """Return the path of the adapter's safetensors file, or raise a `TreeLoraUsageError` saying what is wrong."""
+    """Return the path of the adapter's weights file (safetensors, or a tensors-only `.bin`), or raise a
+    `TreeLoraUsageError` saying what is wrong."""
     local_dir = os.path.join(source.location, source.subfolder) if source.subfolder else source.location
     if os.path.isdir(local_dir):
         weights = os.path.join(local_dir, SAFETENSORS_WEIGHTS_NAME)
         if not os.path.isfile(weights):
             present = sorted(os.listdir(local_dir))
             if WEIGHTS_NAME in present:
-                raise TreeLoraUsageError(
-                    f"{local_dir} holds {WEIGHTS_NAME} but no {SAFETENSORS_WEIGHTS_NAME}: TreeLoRA adapters load from "
-                    "safetensors only (a .bin file would be unpickled). Re-save the adapter with save_pretrained()."
-                )
-            raise TreeLoraUsageError(f"No {SAFETENSORS_WEIGHTS_NAME} in {local_dir} (it holds: {present}).")
+                return _verified_torch_file(os.path.join(local_dir, WEIGHTS_NAME))
+            raise TreeLoraUsageError(
+                f"No {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME} in {local_dir} (it holds: {present})."
+            )
     else:
         try:
             weights = hf_hub_download(
@@ -58,3 +58,20 @@ def verify_adapter_weights(source: WeightsSource) -> str:
     except Exception as error:  # safetensors raises its own error types for every kind of damage
         raise TreeLoraUsageError(f"{weights} is not a readable safetensors file ({error}).") from None
     return weights
+
+
+def _verified_torch_file(path: str) -> str:
+    """An `adapter_model.bin` (written by `save_pretrained(safe_serialization=False)`) is read the way PEFT reads
+    it, `torch.load(weights_only=True)`, which loads tensors and refuses pickled code."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged file, or one holding more than tensors
+        raise TreeLoraUsageError(
+            f"{path} cannot be read as tensors only ({type(error).__name__}: {str(error).splitlines()[0]}); "
+            "TreeLoRA never unpickles code. Re-save the adapter with save_pretrained()."
+        ) from None
+    if not isinstance(state, dict) or not all(hasattr(value, "shape") for value in state.values()):
+        raise TreeLoraUsageError(f"{path} does not hold a dictionary of tensors.")
+    return path
