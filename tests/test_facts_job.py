@@ -227,3 +227,27 @@ def test_the_module_offers_the_cli_plugin_shape():
     assert settings.people == 8 and settings.arms == ["lora", "wide"] and settings.depth == 3
     with pytest.raises(Exception, match="--arms"):
         facts_job.settings_from_args(parser.parse_args(["facts", "--arms", "lora,nope"]))
+
+
+def test_verdict_calls_small_differences_noise_and_checks_capacity():
+    def arm(key, label, recall, seen=0.5):
+        return {
+            "key": key,
+            "label": label,
+            "recall_held_out": recall,
+            "recall_seen_paraphrase": seen,
+            "active_params_per_token": 1,
+            "held_out_loss": 1.0,
+        }
+
+    data = {"settings": {"rank": 1, "depth": 3}, "facts": 400}
+    data["arms"] = [arm("lora_r1", "LoRA r=1", 0.10), arm("tree", "T", 0.42), arm("compute_matched", "M", 0.40)]
+    data["arms"].append(arm("lora_r8", "LoRA r=8", 0.30))
+    lines = facts_job.verdict(data).splitlines()
+    assert "this setting is capacity-bound" in lines[0]  # +20 points, 2 s.e. = 5.5 points on 400 facts
+    assert "32.0% more held-out" in lines[1] and "noise" not in lines[1]
+    assert "2.0% more (within noise" in lines[2]
+    assert "12.0% more held-out" in lines[3] and "noise" not in lines[3]
+    assert "No arm memorised every fact" in lines[4]
+    data["arms"][3] = arm("lora_r8", "LoRA r=8", 0.13)
+    assert "NOT clearly capacity-bound" in facts_job.verdict(data).splitlines()[0]

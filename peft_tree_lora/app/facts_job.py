@@ -47,6 +47,12 @@ OMP_WAIT_POLICY=PASSIVE):
   | 4e-2 | 14.1% (34.4%) | 0.0% (0.0%, diverged) | 7.0% |
 
   so 2e-2 is the default for every arm.
+- `python3 tasks.py demo` (the defaults), first full run: 10.2 min wall at load average ~2.9 throughout (two other
+  jobs on the 2 cores); training 144 s (LoRA r=1), 186 s (tree), 114 s (LoRA r=3), 89 s (LoRA r=8), the rest is
+  evaluation and loading. Held-out recall 7.8% / 29.7% / 26.6% / 28.1% (seen paraphrase 25% / 48% / 50% / 47%):
+  LoRA r=1 is capacity-bound against LoRA r=8; the tree, the compute-matched LoRA r=3 and LoRA r=8 are within
+  noise of each other on 64 facts (2 s.e. ~16 points). On 2 idle cores a step is ~2-3x faster than at that load,
+  which should bring the job to ~4-6 min (not measured: the machine was never idle).
 
 Run standalone as `python -m peft_tree_lora.app.facts_job [options]`, or as a `tree-lora` sub-command through the
 CLI's plug-in table (`configure_parser(parser)` and `run(args) -> int`).
@@ -218,7 +224,10 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output_dir).expanduser()
     check_output_dir(output, args.overwrite)
     argv = getattr(args, "argv", None)
-    command = shlex.join(["python", "-m", "peft_tree_lora.app.facts_job", *(sys.argv[1:] if argv is None else argv)])
+    if getattr(args, "command", None) and argv is not None:  # a tree-lora sub-command: argv starts with its name
+        command = "tree-lora " + shlex.join(argv)
+    else:
+        command = shlex.join(["python", "-m", "peft_tree_lora.app.facts_job", *(argv or sys.argv[1:])])
     data = run_job(settings, output, command, show_progress=not args.quiet)
     if data["arms"]:
         print("\n" + results_table(data))
@@ -717,32 +726,55 @@ def results_table(data: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def noise(p: float, q: float, n: int) -> float:
+    """Two standard errors of the difference of two recall rates over `n` facts each (a rough guide: the arms
+    answer the same facts, so this overstates the noise of a paired comparison a little)."""
+    return 2 * math.sqrt((p * (1 - p) + q * (1 - q)) / max(n, 1))
+
+
 def verdict(data: dict[str, Any]) -> str:
-    """Plain sentences: is the setting capacity-bound (LoRA r vs LoRA r*2**d), and where does the tree stand."""
+    """Plain sentences, one per comparison: is the setting capacity-bound (LoRA r vs LoRA r*2**d), where does the
+    tree stand against each LoRA, and which differences are within noise (two standard errors)."""
     runs = {run["key"]: run for run in data["arms"]}
     settings = data["settings"]
     small, wide = runs.get(f"lora_r{settings['rank']}"), runs.get(f"lora_r{settings['rank'] * 2 ** settings['depth']}")
     tree, matched = runs.get("tree"), runs.get("compute_matched")
+    facts = data["facts"]
     lines = []
+
+    def compared(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float, str]:
+        gap = a["recall_held_out"] - b["recall_held_out"]
+        margin = noise(a["recall_held_out"], b["recall_held_out"], facts)
+        word = f"{gap:.1%} more" if gap > 0 else f"{-gap:.1%} fewer" if gap < 0 else "as many"
+        if abs(gap) < margin:
+            word += f" (within noise: 2 s.e. = {margin:.0%} on {facts} facts)"
+        return gap, margin, word
+
     if small and wide:
-        gap = wide["recall_held_out"] - small["recall_held_out"]
-        bound = "capacity-bound" if gap >= 0.05 else "NOT clearly capacity-bound"
+        gap, margin, word = compared(wide, small)
+        bound = "capacity-bound" if gap >= max(margin, 0.05) else "NOT clearly capacity-bound"
         lines.append(
-            f"{wide['label']} recalls {gap:+.1%} more held-out facts than {small['label']} "
-            f"({wide['recall_held_out']:.1%} vs {small['recall_held_out']:.1%}): this setting is {bound}."
+            f"- {wide['label']} recalls {word} held-out facts than {small['label']} "
+            f"({wide['recall_held_out']:.1%} vs {small['recall_held_out']:.1%}): at LoRA r={settings['rank']} this "
+            f"setting is {bound}."
         )
     if tree:
         for other in (small, matched, wide):
             if other is None:
                 continue
-            gap = tree["recall_held_out"] - other["recall_held_out"]
-            word = f"{gap:.1%} more" if gap > 0 else f"{-gap:.1%} fewer" if gap < 0 else "as many"
+            _, _, word = compared(tree, other)
             lines.append(
-                f"{tree['label']} ({tree['active_params_per_token']:,} params active per token) recalls "
-                f"{word} held-out facts than {other['label']} "
-                f"({other['active_params_per_token']:,} per token): {tree['recall_held_out']:.1%} vs "
-                f"{other['recall_held_out']:.1%}; held-out loss {tree['held_out_loss']:.3f} vs "
-                f"{other['held_out_loss']:.3f}."
+                f"- {tree['label']} ({tree['active_params_per_token']:,} params active per token) recalls {word} "
+                f"held-out facts than {other['label']} ({other['active_params_per_token']:,} per token): "
+                f"{tree['recall_held_out']:.1%} vs {other['recall_held_out']:.1%}; held-out loss "
+                f"{tree['held_out_loss']:.3f} vs {other['held_out_loss']:.3f}."
+            )
+    if data["arms"]:
+        best_seen = max(run["recall_seen_paraphrase"] for run in data["arms"])
+        if best_seen < 0.9:
+            lines.append(
+                f"- No arm memorised every fact (best seen-paraphrase recall {best_seen:.0%}): the run is limited by "
+                "its steps as well as by adapter capacity."
             )
     return "\n".join(lines)
 
