@@ -47,12 +47,13 @@ OMP_WAIT_POLICY=PASSIVE):
   | 4e-2 | 14.1% (34.4%) | 0.0% (0.0%, diverged) | 7.0% |
 
   so 2e-2 is the default for every arm.
-- `python3 tasks.py demo` (the defaults), first full run: 10.2 min wall at load average ~2.9 throughout (two other
-  jobs on the 2 cores); training 144 s (LoRA r=1), 186 s (tree), 114 s (LoRA r=3), 89 s (LoRA r=8), the rest is
-  evaluation and loading. Held-out recall 7.8% / 29.7% / 26.6% / 28.1% (seen paraphrase 25% / 48% / 50% / 47%):
-  LoRA r=1 is capacity-bound against LoRA r=8; the tree, the compute-matched LoRA r=3 and LoRA r=8 are within
-  noise of each other on 64 facts (2 s.e. ~16 points). On 2 idle cores a step is ~2-3x faster than at that load,
-  which should bring the job to ~4-6 min (not measured: the machine was never idle).
+- `python3 tasks.py demo` (the defaults), two full runs, identical results (deterministic on CPU): 10.2 min wall
+  at load average ~2.9 throughout, and 9.1 min (548 s) at load average 2.0-3.9 (two other jobs on the 2 cores).
+  Training times of the second run: 139 s (LoRA r=1, load ~3.8), 162 s (tree), 77 s (LoRA r=3) and 85 s
+  (LoRA r=8, load ~2); the rest is evaluation and loading. Held-out recall 7.8% / 29.7% / 26.6% / 28.1% (seen
+  paraphrase 25% / 48% / 50% / 47%): LoRA r=1 is capacity-bound against LoRA r=8; the tree, the compute-matched
+  LoRA r=3 and LoRA r=8 are within noise of each other on 64 facts (2 s.e. ~16 points). Not measured on an idle
+  machine: at the ~1 s per step the arms got at load ~2, the whole job takes ~6.5 min.
 
 Run standalone as `python -m peft_tree_lora.app.facts_job [options]`, or as a `tree-lora` sub-command through the
 CLI's plug-in table (`configure_parser(parser)` and `run(args) -> int`).
