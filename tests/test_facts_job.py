@@ -120,7 +120,7 @@ def test_a_biography_states_every_fact_once_in_a_trained_paraphrase_rotating_wit
 def test_compute_matched_rank_counts_the_tree_leaf_and_routers_per_token():
     model = make_tiny_llama()
     settings = facts_job.JobSettings(rank=1, depth=3, layers="all")
-    names = facts_job.target_module_names("all-linear", model)
+    names = facts_job.target_modules("all-linear", model)
     counted = facts_job.compute_matched(facts_job.copies_of(model), settings, names, None)
     assert counted["lora_params_per_rank"] == LORA_PER_RANK == 1024
     assert counted["tree_active_per_token"] == TREE_ACTIVE == 2602

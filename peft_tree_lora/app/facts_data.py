@@ -1,7 +1,7 @@
 """The synthetic-facts data of the main job, tokenized with a real (sub-word) tokenizer.
 
 The people, their facts, the four paraphrase templates per fact and which paraphrase is held out for whom all come
-from `experiments.facts`; this module only turns them into token ids for a Hugging Face tokenizer:
+from `app.people`; this module only turns them into token ids for a Hugging Face tokenizer:
 
 - a training document is a short biography: one statement per fact (four statements, a few dozen tokens), each
   in one of the three paraphrases training may show for that person; the paraphrase rotates with the epoch, so
@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from ..experiments.facts import ATTRIBUTES, TEMPLATES, Person, held_out_template, prompt_and_answer, statement
 from ..tuner.errors import TreeLoraUsageError
+from .people import ATTRIBUTES, TEMPLATES, Person, held_out_template, prompt_and_answer, statement
 
 Query = tuple[str, list[int], list[int]]
 

@@ -13,142 +13,40 @@ import functools
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..app.people import (  # noqa: F401  (the study's data, re-exported for its readers)
+    ATTRIBUTES,
+    CITIES,
+    DAYS,
+    EMPLOYERS,
+    EOS,
+    FIRST_NAMES,
+    LAST_NAMES,
+    MONTHS,
+    TEMPLATES,
+    UNIVERSITIES,
+    VALUE_COUNTS,
+    YEARS,
+    Person,
+    generate_people,
+    held_out_template,
+    prompt_and_answer,
+    statement,
+    training_statements,
+)
+from ..app.recall import answers_correct, exact_match, fano_bits, knowledge_bits, soft_inference  # noqa: F401
 from ..app.runner import TrainSettings, run_training
 from ..tuner.errors import TreeLoraUsageError
-from ..tuner.model import TreeLoraModel
 from .common import DOCS_DIR, adapter_arms, command_line, read_json, tiny_llama, versions, write_json
 
 RESULT_FILE = "facts.json"
 PLOT_FILE = "facts_capacity.png"
-
-FIRST_NAMES = (
-    "Ada Alan Alma Amos Anna Arno Basil Beth Boris Carla Cyril Dora Edgar Edith Elsa Emil Erik Ezra Faye Felix "
-    "Flora Frida Gus Hana Hugo Ida Igor Ines Ivan Jana Jonas Kai Karin Lars Lena Leon Lina Luca Mara Milo Mina "
-    "Nadia Nils Nora Olaf Olga Omar Otto Paula Pavel Petra Quinn Rosa Rufus Sara Silas Tara Teo Uma Vera Viktor "
-    "Wanda Yara Zeno"
-).split()
-LAST_NAMES = (
-    "Abbott Baker Becker Brandt Castro Dahl Diaz Eklund Falk Fischer Garcia Gray Hale Haas Ibsen Jensen Kahn "
-    "Keller Kim Koch Lang Lund Marsh Meyer Moreau Nagy Novak Olsen Ortiz Park Pohl Quist Reyes Roth Sato Schulz "
-    "Sousa Stone Tanaka Torres Ueda Vance Vogel Wald Weber Wolf Young Zeller Adler Berg Costa Dunn Engel Frost "
-    "Gold Horn Iqbal Jung Kraus Lorenz Mann Nash Oak Price"
-).split()
-CITIES = (
-    "Aarhus Accra Ankara Austin Bergen Bilbao Bogota Bremen Cairo Cork Dakar Delft Dublin Durban Essen Faro Gdansk "
-    "Genoa Graz Hanoi Havana Kyoto Lagos Leeds Lima Linz Lyon Malmo Milan Mumbai Nairobi Nantes Osaka Oslo Perth "
-    "Porto Quito Riga Rome Seoul Sofia Tampere Tunis Turin Utrecht Vienna Warsaw Zurich"
-).split()
-EMPLOYERS = (
-    "Acmex Birchware Coldlake Dynaro Evergrid Fernhill Glowtech Harborline Ironleaf Jadecore Kestrel Lumeno "
-    "Mapleton Northwind Oakridge Pinecrest Quantia Redbrook Silverline Tidewater Umbra Vantage Westfield Xylo "
-    "Yellowfin Zenith Ambergate Bluestone Crestview Driftwood Eastgate Foxglove Granite Hollowell Inkwell Juniper "
-    "Kingsley Larkspur Meridian Nimbus Orchard Pebble Quarry Riverton Sunbeam Thornfield Upland Valemont"
-).split()
-UNIVERSITIES = (
-    "Aberdeen Basel Bologna Cambridge Coimbra Edinburgh Freiburg Geneva Ghent Heidelberg Helsinki Krakow Leiden "
-    "Leuven Lisbon Lund Madrid Montreal Munich Oxford Padua Paris Prague Salamanca Stanford Sydney Tartu Toronto "
-    "Tokyo Uppsala Vilnius Yale"
-).split()
-MONTHS = "January February March April May June July August September October November December".split()
-DAYS = [str(d) for d in range(1, 29)]
-YEARS = [str(y) for y in range(1950, 2000)]
-
-# Four paraphrases per attribute; the value always ends the sentence, so a prompt is the words before it.
-TEMPLATES: dict[str, tuple[str, ...]] = {
-    "birth date": (
-        "{name} was born on {value} .",
-        "{name} came into the world on {value} .",
-        "the birthday of {name} falls on {value} .",
-        "the date of birth of {name} is {value} .",
-    ),
-    "birth city": (
-        "{name} was born in {value} .",
-        "{name} spent the early years in {value} .",
-        "the birthplace of {name} is {value} .",
-        "{name} is a native of {value} .",
-    ),
-    "employer": (
-        "{name} works for {value} .",
-        "{name} is employed by {value} .",
-        "the employer of {name} is {value} .",
-        "{name} earns a living at {value} .",
-    ),
-    "university": (
-        "{name} studied at {value} .",
-        "{name} graduated from {value} .",
-        "the alma mater of {name} is {value} .",
-        "{name} holds a degree from {value} .",
-    ),
-}
-ATTRIBUTES = tuple(TEMPLATES)
-VALUE_COUNTS = {
-    "birth date": len(DAYS) * len(MONTHS) * len(YEARS),
-    "birth city": len(CITIES),
-    "employer": len(EMPLOYERS),
-    "university": len(UNIVERSITIES),
-}
-EOS = "<eos>"
-
-
-@dataclass(frozen=True)
-class Person:
-    name: str
-    facts: dict[str, str]
-
-
-def held_out_template(person_index: int, attribute_index: int) -> int:
-    """The paraphrase of this fact that training never shows. It rotates with the person, so every template is
-    seen in training for three quarters of the people and the held-out one is familiar, only not for this fact."""
-    return (person_index + attribute_index) % len(TEMPLATES[ATTRIBUTES[attribute_index]])
-
-
-def generate_people(count: int, seed: int, skip: int = 0) -> list[Person]:
-    """`count` distinct people with uniformly drawn facts, after skipping the first `skip` names of the seeded
-    name order (so that background people and study people never share a name). Deterministic per seed."""
-    names = [f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES]
-    if skip + count > len(names):
-        raise TreeLoraUsageError(f"at most {len(names) - skip} people can be generated here; asked for {count}.")
-    rng = random.Random(seed)
-    rng.shuffle(names)
-    people = []
-    for index, name in enumerate(names[skip : skip + count]):
-        value_rng = random.Random(f"{seed}/{skip + index}")
-        date = f"{value_rng.choice(DAYS)} {value_rng.choice(MONTHS)} {value_rng.choice(YEARS)}"
-        facts = {
-            "birth date": date,
-            "birth city": value_rng.choice(CITIES),
-            "employer": value_rng.choice(EMPLOYERS),
-            "university": value_rng.choice(UNIVERSITIES),
-        }
-        people.append(Person(name, facts))
-    return people
-
-
-def statement(person: Person, attribute: str, template: int) -> str:
-    return TEMPLATES[attribute][template].format(name=person.name, value=person.facts[attribute])
-
-
-def prompt_and_answer(person: Person, attribute: str, template: int) -> tuple[str, str]:
-    """The words before the value, and the value with the closing full stop (what recall must produce)."""
-    before, _ = TEMPLATES[attribute][template].split("{value}")
-    return before.format(name=person.name).strip(), f"{person.facts[attribute]} ."
-
-
-def training_statements(person: Person, person_index: int, include_held_out: bool = False) -> list[str]:
-    sentences = []
-    for a, attribute in enumerate(ATTRIBUTES):
-        for t in range(len(TEMPLATES[attribute])):
-            if include_held_out or t != held_out_template(person_index, a):
-                sentences.append(statement(person, attribute, t))
-    return sentences
 
 
 class WordTokenizer:
@@ -220,118 +118,6 @@ def recall_queries(
             prompt, answer = prompt_and_answer(person, attribute, template)
             queries.append((attribute, [tokenizer.eos_token_id] + tokenizer.encode(prompt), tokenizer.encode(answer)))
     return queries
-
-
-def answers_correct(logits: torch.Tensor, input_ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
-    """Per row: does greedy decoding reproduce the answer exactly? With the true prefix fed in, greedy decoding
-    writes the answer if and only if the arg-max at every answer position is the answer token, so one forward pass
-    decides it. `answer_mask` marks the answer tokens in `input_ids`."""
-    predicted = logits[:, :-1].argmax(dim=-1)
-    target, mask = input_ids[:, 1:], answer_mask[:, 1:]
-    return ((predicted == target) | ~mask).all(dim=1)
-
-
-@contextmanager
-def soft_inference(model: torch.nn.Module) -> Iterator[None]:
-    """Evaluate a TreeLoRA model with soft inference routing (every leaf mixed by its path probability, as in
-    training) inside the block; afterwards every adapter is back at its configured inference routing."""
-    tuner = getattr(model, "base_model", None)
-    if not isinstance(tuner, TreeLoraModel):
-        raise TreeLoraUsageError("soft inference routing needs a TreeLoRA model.")
-    tuner.set_inference_routing("soft")
-    try:
-        yield
-    finally:
-        for adapter, config in model.peft_config.items():
-            tuner.set_inference_routing(config.inference_routing, adapter)
-
-
-@torch.no_grad()
-def exact_match(
-    model: torch.nn.Module, queries: list[tuple[str, list[int], list[int]]], pad: int, soft: bool = False
-) -> list[bool]:
-    """Exact-match recall of every query under the model's inference routing (hard: one leaf), or with `soft`, of a
-    TreeLoRA model under soft routing (all leaves mixed), restored afterwards. A sequence-routed tree picks its
-    leaf (or, soft, its mixture) from the prompt alone, as `generate()` does, so the answer cannot steer the
-    route."""
-    if soft:
-        with soft_inference(model):
-            return _exact_match(model, queries, pad, soft=True)
-    return _exact_match(model, queries, pad, soft=False)
-
-
-def _exact_match(
-    model: torch.nn.Module, queries: list[tuple[str, list[int], list[int]]], pad: int, soft: bool
-) -> list[bool]:
-    model.eval()
-    tuner = getattr(model, "base_model", None)
-    sequence_routed = isinstance(tuner, TreeLoraModel) and any(
-        getattr(c, "routing", None) == "sequence" for c in model.peft_config.values()
-    )
-    width = max(len(p) + len(a) for _, p, a in queries)
-    input_ids = torch.full((len(queries), width), pad, dtype=torch.long)
-    attention = torch.zeros_like(input_ids, dtype=torch.bool)
-    answer_mask = torch.zeros_like(attention)
-    prompt_ids = torch.full((len(queries), max(len(p) for _, p, _ in queries)), pad, dtype=torch.long)
-    prompt_attention = torch.zeros_like(prompt_ids, dtype=torch.bool)
-    for row, (_, prompt, answer) in enumerate(queries):
-        input_ids[row, : len(prompt) + len(answer)] = torch.tensor(prompt + answer)
-        attention[row, : len(prompt) + len(answer)] = True
-        answer_mask[row, len(prompt) : len(prompt) + len(answer)] = True
-        prompt_ids[row, : len(prompt)] = torch.tensor(prompt)
-        prompt_attention[row, : len(prompt)] = True
-    correct = torch.zeros(len(queries), dtype=torch.bool)
-    batch = 512
-    if sequence_routed and soft:
-        # A pinned leaf would override the soft mixture. Instead each batch of equally long prompts is routed from
-        # the prompts alone and scored with its answers inside one routing call, which holds the prompts' route.
-        lengths = [len(p) for _, p, _ in queries]
-        for length in sorted(set(lengths)):
-            same = [row for row, n in enumerate(lengths) if n == length]
-            for start in range(0, len(same), batch):
-                rows = torch.tensor(same[start : start + batch])
-                with tuner.holding_routes():
-                    model(input_ids=input_ids[rows, :length], attention_mask=attention[rows, :length].long())
-                    logits = model(input_ids=input_ids[rows], attention_mask=attention[rows].long()).logits
-                correct[rows] = answers_correct(logits, input_ids[rows], answer_mask[rows])
-        return correct.tolist()
-    for start in range(0, len(queries), batch):
-        rows = slice(start, start + batch)
-        if sequence_routed:
-            leaves = tuner.leaf_routes(prompt_ids[rows], prompt_attention[rows].long())["sequence"]
-            part = torch.zeros(leaves.shape[0], dtype=torch.bool)
-            for leaf in leaves.unique().tolist():
-                chosen = (leaves == leaf).nonzero().flatten() + start
-                with tuner.pinned_leaf(int(leaf)):
-                    logits = model(input_ids=input_ids[chosen], attention_mask=attention[chosen].long()).logits
-                part[chosen - start] = answers_correct(logits, input_ids[chosen], answer_mask[chosen])
-            correct[rows] = part
-        else:
-            logits = model(input_ids=input_ids[rows], attention_mask=attention[rows].long()).logits
-            correct[rows] = answers_correct(logits, input_ids[rows], answer_mask[rows])
-    return correct.tolist()
-
-
-def fano_bits(accuracy: float, value_count: int) -> float:
-    """A lower bound on the information (bits) one recalled fact carries about a value drawn uniformly from
-    `value_count` choices, given exact-match accuracy: log2 V - h(e) - e log2(V - 1), with e = 1 - accuracy (Fano's
-    inequality). Chance accuracy or worse gives 0; perfect recall gives log2 V."""
-    if value_count < 2 or accuracy <= 1.0 / value_count:
-        return 0.0  # the bound is slightly positive below chance (always wrong is informative); count it as 0
-    error = min(max(1.0 - accuracy, 0.0), 1.0)
-    entropy = 0.0 if error in (0.0, 1.0) else -(error * math.log2(error) + (1 - error) * math.log2(1 - error))
-    return max(0.0, math.log2(value_count) - entropy - error * math.log2(value_count - 1))
-
-
-def knowledge_bits(correct: list[bool], attributes: list[str], people: int) -> tuple[float, dict[str, float]]:
-    """Total bits (Fano lower bound, summed over attributes) and accuracy per attribute."""
-    accuracy = {}
-    total = 0.0
-    for attribute in ATTRIBUTES:
-        hits = [c for c, a in zip(correct, attributes) if a == attribute]
-        accuracy[attribute] = sum(hits) / len(hits) if hits else 0.0
-        total += people * fano_bits(accuracy[attribute], VALUE_COUNTS[attribute])
-    return total, accuracy
 
 
 @dataclass

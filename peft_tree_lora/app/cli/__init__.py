@@ -25,6 +25,10 @@ COMMANDS = {
     ),
     "inspect": ("peft_tree_lora.app.cli.inspect", "shape, parameter counts and routing of a TreeLoRA adapter"),
     "generate": ("peft_tree_lora.app.cli.generate", "generate text from a base model with a TreeLoRA adapter"),
+    "facts": (
+        "peft_tree_lora.app.facts_job",
+        "the main job: synthetic facts; held-out recall of LoRA r, the tree, the compute-matched and wide LoRA",
+    ),
 }
 PLUGINS = {
     "bench": ("peft_tree_lora.app.cli.bench", "measure speed and memory of TreeLoRA against LoRA"),
