@@ -212,7 +212,7 @@ class TreeLoraModel(RoutingControls, BaseTuner):
         loss = getattr(outputs, "loss", None)
         if aux is not None and self.training and kwargs.get("labels") is not None and loss is not None:
             outputs["loss"] = loss + aux.to(loss.dtype)
-            outputs["aux_loss"] = aux
+            outputs.aux_loss = aux  # an attribute, not a new key: DDP rebuilds the output from its keys
         return outputs
 
     @contextmanager
