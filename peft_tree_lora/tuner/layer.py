@@ -66,7 +66,15 @@ class TreeLoraLinear(nn.Module, TreeLoraLayer):
     tensors (not a ModuleList, whose numbered keys PEFT's adapter-name filter would confuse with adapter names)."""
 
     adapter_layer_names = ("treelora_A", "treelora_B", "treelora_router")
-    other_param_names = (*TreeLoraLayer.other_param_names, "r", "lora_alpha", "scaling", "treelora_dropout")
+    other_param_names = (
+        *TreeLoraLayer.other_param_names,
+        "r",
+        "lora_alpha",
+        "scaling",
+        "treelora_dropout",
+        "block_name",
+        "merged_leaf",
+    )
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: TreeLoraConfig, module_name: str) -> None:
         super().__init__()
