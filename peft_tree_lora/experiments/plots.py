@@ -26,7 +26,7 @@ def plot_saturation(data: dict[str, Any], path: Path) -> None:
     continuation, validation loss minus the saturated base's, against tokens since the checkpoint (mean over seeds,
     band from min to max). Right: each arm's test-loss improvement over its base (bar: mean, dots: seeds), labelled
     with its adapter parameters per token."""
-    figure, (whole, zoom, bars) = plt.subplots(1, 3, figsize=(18, 5), gridspec_kw={"width_ratios": [4, 4, 3]})
+    figure, (whole, zoom, bars) = plt.subplots(1, 3, figsize=(18, 6), gridspec_kw={"width_ratios": [4, 4, 3]})
     greys = ("black", "dimgray", "darkgray", "silver")
     for index, base in enumerate(data["bases"]):
         colour = greys[index % len(greys)]
@@ -77,7 +77,7 @@ def plot_saturation(data: dict[str, Any], path: Path) -> None:
     zoom.set_xlabel("tokens since the end of pretraining (the same for every arm)")
     zoom.set_ylabel("validation loss minus the base's")
     zoom.set_title("continuation: mean over seeds, band min-max")
-    zoom.legend(fontsize=8)
+    zoom.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     bars.set_xticks(range(len(labels)))
     bars.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
     bars.set_ylabel("test loss of the base minus after (nats per byte)")

@@ -59,7 +59,9 @@ class SaturationSettings:
       blocks: full 0.047 against 0.016 gain, LoRA r=4 0.039 against 0.040, the tree 0.045 against 0.042, LoRA
       r=16 0.046 against 0.043; so every arm uses 3e-3, the pretraining rate (seed 0 is not a study seed).
     - Budget: about 300 s of pretraining and 200 s of continuation a seed, 25 min for three seeds; at most
-      `max_pretrain_steps` (8,000 steps, about 400 s) a seed if the plateau comes late.
+      `max_pretrain_steps` (8,000 steps, about 400 s) a seed if the plateau comes late. The default run (1 December
+      2026, `--threads 1`, load average about 1) took 18.8 min: plateaus at steps 5,600, 5,100 and 5,000 (207-246 s
+      of pretraining each), about 125 s of continuation training a seed (the token-routed tree 40-49 s of it).
 
     `rank` 2 keeps LoRA r * 2**d (16) below the hidden size (32), so that it is still a low-rank arm."""
 
