@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import make_tiny_llama
 from peft import LoraConfig, get_peft_model
+from transformers import TrainerControl
 
 from peft_tree_lora import TreeLoraConfig
 from peft_tree_lora.app.cli import main as cli_main
@@ -30,7 +32,7 @@ from peft_tree_lora.experiments.facts import (
     training_statements,
 )
 from peft_tree_lora.experiments.results_page import NOTES_BEGIN, NOTES_END
-from peft_tree_lora.experiments.saturation import plateau_reached
+from peft_tree_lora.experiments.saturation import StopAtPlateau, plateau_reached
 from peft_tree_lora.tuner.errors import TreeLoraUsageError
 
 
@@ -135,30 +137,88 @@ def test_plateau_criterion():
 TINY_MODEL = ["--hidden", "16", "--layers", "1", "--heads", "2", "--intermediate", "32"]
 
 
-def test_saturation_study_runs_end_to_end(tmp_path):
+def tiny_corpus(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(
         "\n\n".join(f"Paragraph {i}: the quick brown fox {i} jumps over the lazy dog." for i in range(80))
     )
+    return corpus
+
+
+TINY_SATURATION = ["--block-length", "16", "--batch-size", "4", "--continue-steps", "4", "--eval-every", "2"]
+TINY_SATURATION += ["--continue-eval-every", "2", "--warmup-steps", "1", "--eval-blocks", "4", "--test-blocks", "4"]
+TINY_SATURATION += ["--quiet"]
+
+
+def test_saturation_study_runs_end_to_end_with_the_compute_matched_lora(tmp_path):
     out = tmp_path / "results"
     status = cli_main(
-        ["experiment", "saturation", *TINY_MODEL, "--data", str(corpus), "--block-length", "16", "--batch-size", "4"]
-        + ["--max-pretrain-steps", "6", "--continue-steps", "4", "--eval-every", "2", "--warmup-steps", "1"]
-        + ["--eval-blocks", "4", "--rank", "1", "--depth", "1", "--out", str(out), "--quiet"]
+        ["experiment", "saturation", *TINY_MODEL, *TINY_SATURATION, "--data", str(tiny_corpus(tmp_path))]
+        + ["--max-pretrain-steps", "6", "--rank", "1", "--depth", "2", "--seeds", "0", "1", "--out", str(out)]
     )
     assert status == 0
     data = json.loads((out / "saturation.json").read_text())
     assert (out / "saturation_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert set(data["runs"]) == {"full", "lora1", "tree_token", "tree_sequence", "lora2"}
-    start = data["pretrain"]["tokens"]
-    for runs in data["runs"].values():
-        curve = runs[0]["curve"]
-        assert curve[0][1] == start and curve[-1][1] == start + data["continue_tokens"]
-    counts = {key: runs[0]["trainable_params"] for key, runs in data["runs"].items()}
-    assert counts["lora1"] < counts["tree_token"] and counts["lora1"] < counts["lora2"] < counts["full"]
-    assert data["runs"]["tree_token"][0]["active_params_per_token"] < counts["tree_token"]
+    # TINY_MODEL, one layer: LoRA costs 4 x 32 + 3 x 48 = 272 per rank. A token of the d=2 r=1 tree touches one leaf
+    # (272) and 2 routers of (in + 1) per module, 2 x (6 x 17 + 33) = 270: 542, which rank 2 (544) just covers.
+    assert data["compute_matched"] == {"rank": 2, "tree_active_per_token": 542, "per_rank": 272}
+    keys = ["full", "full_constant", "lora1", "lora2", "lora4", "tree", "tree_sequence"]
+    assert [a["key"] for a in data["arms"]] == keys
+    assert data["roles"] == {
+        "full": "full",
+        "plateau_control": "full_constant",
+        "lora_r": "lora1",
+        "compute_matched": "lora2",
+        "lora_all_leaves": "lora4",
+        "tree": "tree",
+        "tree_sequence": "tree_sequence",
+    }
+    runs = {(r["arm"], r["seed"]): r for r in data["runs"]}
+    assert len(runs) == 2 * len(keys) and len(data["bases"]) == 2
+    assert runs["tree_sequence", 0]["active_params_per_token"] == 272  # the sequence router runs once per sequence
+    assert runs["lora2", 0]["trainable_params"] == runs["lora2", 0]["active_params_per_token"] == 2 * 272
+    assert runs["tree", 0]["active_params_per_token"] == 542
+    assert runs["tree", 0]["trainable_params"] == 4 * 272 + 3 * 135  # four leaves, three routers per module
+    bases = {b["seed"]: b for b in data["bases"]}
+    assert bases[0]["test_loss"] != bases[1]["test_loss"]  # each seed pretrains its own base
+    for (_, seed), run in runs.items():
+        assert run["curve"][0][1] == 0 and run["curve"][-1][1] == data["continue_tokens"]
+        assert run["improvement"] == pytest.approx(bases[seed]["test_loss"] - run["test_loss"])
+    assert not data["plateau_reached"]  # 6 steps are fewer than the 10 evaluations the criterion looks back on
+    assert set(data["verdict"]["against"]) == {"lora2", "lora1", "lora4", "full"}
+    assert "tree_sequence_against_lora_r" in data["verdict"] and "plateau_control_improvement" in data["verdict"]
+    assert data["verdict"]["against"]["lora2"]["role"] == "compute_matched"
     page = (out / "RESULTS.md").read_text()
     assert "## Study 1: past saturation" in page and "saturation_loss.png" in page
+    assert "The plateau was NOT reached on 2 of 2 seeds" in page and data["verdict"]["text"] in page
+
+
+def test_saturation_pretraining_stops_at_the_plateau_and_the_page_says_so(tmp_path):
+    out = tmp_path / "results"
+    # with --patience 1 and --min-improvement 0.99 the second evaluation (step 2) already counts as a plateau
+    status = cli_main(
+        ["experiment", "saturation", *TINY_MODEL, *TINY_SATURATION, "--data", str(tiny_corpus(tmp_path))]
+        + ["--max-pretrain-steps", "8", "--patience", "1", "--min-improvement", "0.99", "--rank", "1"]
+        + ["--depth", "1", "--seeds", "3", "--no-tree-sequence", "--no-plateau-control", "--out", str(out)]
+    )
+    assert status == 0
+    data = json.loads((out / "saturation.json").read_text())
+    (base,) = data["bases"]
+    assert base["plateau_reached"] and base["steps"] == 2 and "plateau criterion met at step 2" == base["stop_reason"]
+    assert [a["key"] for a in data["arms"]] == ["full", "lora1", "lora2", "tree"]
+    assert data["roles"]["compute_matched"] == data["roles"]["lora_all_leaves"] == "lora2"  # 407 > 272 per token
+    assert "undecided (one seed)" in data["verdict"]["text"]
+    assert "The plateau was reached on every seed (1 of 1)" in (out / "RESULTS.md").read_text()
+
+
+def test_stop_at_plateau_stops_training_once():
+    stopper = StopAtPlateau(patience=2, min_improvement=0.01)
+    state, control = SimpleNamespace(global_step=0), TrainerControl()
+    for step, loss in enumerate([5.0, 3.0, 2.5, 2.49, 2.495]):
+        state.global_step = step * 10
+        stopper.on_evaluate(None, state, control, metrics={"eval_loss": loss})
+        assert control.should_training_stop == (step == 4)
+    assert stopper.stopped_at_step == 40
 
 
 def test_facts_study_runs_end_to_end_and_keeps_hand_written_notes(tmp_path):

@@ -23,43 +23,68 @@ def _colour(key: str, kind: str, index: int) -> str:
 
 
 def plot_saturation(data: dict[str, Any], path: Path) -> None:
-    """Held-out loss against tokens: the whole run from the start of pretraining (left) and the continuation
-    only (right). With several seeds each arm is drawn as its mean with a band from min to max."""
-    figure, (whole, zoom) = plt.subplots(1, 2, figsize=(13, 4.8))
-    pretrain = data["pretrain"]["curve"]
-    for axis in (whole, zoom):
-        axis.plot([p[1] for p in pretrain], [p[2] for p in pretrain], color="black", label="pretraining")
+    """Left: validation loss of each seed's pretraining against tokens, with the step where it stopped. Middle: the
+    continuation, validation loss minus the saturated base's, against tokens since the checkpoint (mean over seeds,
+    band from min to max). Right: each arm's test-loss improvement over its base (bar: mean, dots: seeds), labelled
+    with its adapter parameters per token."""
+    figure, (whole, zoom, bars) = plt.subplots(1, 3, figsize=(18, 6), gridspec_kw={"width_ratios": [4, 4, 3]})
+    greys = ("black", "dimgray", "darkgray", "silver")
+    for index, base in enumerate(data["bases"]):
+        colour = greys[index % len(greys)]
+        curve = [p for p in base["curve"] if p[1] > 0]
+        how = f"plateau at step {base['steps']}" if base["plateau_reached"] else "budget spent, no plateau"
+        whole.plot([p[1] for p in curve], [p[2] for p in curve], color=colour, label=f"seed {base['seed']}: {how}")
+        whole.axvline(base["tokens"], color=colour, linestyle=":", linewidth=1)
+    whole.set_xscale("log")
+    whole.set_xlabel("pretraining tokens")
+    whole.set_ylabel("validation loss (nats per byte)")
+    whole.set_title("pretraining until the plateau criterion")
+    whole.legend(fontsize=8)
     lora_seen = 0
-    for arm in data["arms"]:
-        runs = data["runs"].get(arm["key"], [])
+    labels = []
+    for index, arm in enumerate(data["arms"]):
+        runs = [r for r in data["runs"] if r["arm"] == arm["key"]]
         if not runs:
             continue
-        colour = _colour(arm["key"], arm["kind"], lora_seen if arm["kind"] == "lora" else 0)
-        lora_seen += arm["kind"] == "lora"
+        if arm["kind"] == "lora":
+            colour = ("tab:blue", "tab:green", "tab:cyan")[min(lora_seen, 2)]
+            lora_seen += 1
+        else:
+            colour = _colour(arm["key"], arm["kind"], index)
+        if arm["key"] == "tree":
+            colour = "tab:red"
+        elif "plateau_control" in arm.get("roles", []):
+            colour = "black"
         tokens = [p[1] for p in runs[0]["curve"]]
-        losses = list(zip(*[[p[2] for p in run["curve"]] for run in runs]))
-        mean = [sum(values) / len(values) for values in losses]
-        for axis in (whole, zoom):
-            axis.plot(tokens, mean, color=colour, label=arm["label"])
-            if len(runs) > 1:
-                axis.fill_between(tokens, [min(v) for v in losses], [max(v) for v in losses], color=colour, alpha=0.2)
-    start = data["pretrain"]["tokens"]
-    whole.axvline(start, color="black", linestyle=":", linewidth=1)
-    whole.set_xscale("log")
-    whole.set_title("held-out loss from the start of pretraining")
-    start_name = "saturation" if data["pretrain"]["plateau_reached"] else "pretraining (plateau not reached)"
-    zoom.set_title(f"after {start_name}: same tokens for every arm")
-    continuation = [p[2] for runs in data["runs"].values() for run in runs for p in run["curve"]]
-    if continuation:
-        low, high = min(continuation), max(continuation)
-        margin = max(0.005, 0.1 * (high - low))
-        zoom.set_ylim(low - margin, high + margin)
-        zoom.set_xlim(start - 0.02 * data["continue_tokens"], start + 1.02 * data["continue_tokens"])
-    for axis in (whole, zoom):
-        axis.set_xlabel("training tokens")
-        axis.set_ylabel("held-out loss (nats per byte)")
+        changes = list(zip(*[[p[2] - run["curve"][0][2] for p in run["curve"]] for run in runs]))
+        zoom.plot(tokens, [sum(v) / len(v) for v in changes], color=colour, label=arm["label"])
+        if len(runs) > 1:
+            zoom.fill_between(tokens, [min(v) for v in changes], [max(v) for v in changes], color=colour, alpha=0.15)
+        gains = [r["improvement"] for r in runs]
+        position = len(labels)
+        bars.bar(position, sum(gains) / len(gains), color=colour, alpha=0.8)
+        bars.scatter([position] * len(gains), gains, color="black", s=12, zorder=3)
+        per_token = "all" if arm["kind"] == "full" else f"{runs[0]['active_params_per_token']:,}"
+        bars.annotate(
+            per_token, (position, max(gains)), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=7
+        )
+        name = arm["label"].replace("TreeLoRA ", "tree ").replace(", token routing", "")
+        if "plateau_control" in arm.get("roles", []):
+            name = "control: pretraining\ngoes on (constant rate)"
+        if "compute_matched" in arm.get("roles", []):
+            name += "\n(compute-matched)"
+        labels.append(name)
+    zoom.axhline(0.0, color="black", linewidth=1)
+    zoom.set_xlabel("tokens since the end of pretraining (the same for every arm)")
+    zoom.set_ylabel("validation loss minus the base's")
+    zoom.set_title("continuation: mean over seeds, band min-max")
+    zoom.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
+    bars.set_xticks(range(len(labels)))
+    bars.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    bars.set_ylabel("test loss of the base minus after (nats per byte)")
+    bars.set_title("test-loss improvement (label: params per token)")
+    for axis in (whole, zoom, bars):
         axis.grid(alpha=0.3)
-    zoom.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

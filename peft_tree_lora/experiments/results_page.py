@@ -78,125 +78,131 @@ def _reproduce(data: dict[str, Any]) -> list[str]:
     ]
 
 
+SATURATION_ROLES = {
+    "full": "full training",
+    "plateau_control": "control: pretraining goes on",
+    "lora_r": "LoRA r",
+    "compute_matched": "compute-matched to the tree",
+    "lora_all_leaves": "as many params as all leaves",
+    "tree": "tree (defaults)",
+    "tree_sequence": "tree, sequence routing",
+}
+
+
 def _saturation_section(data: dict[str, Any]) -> list[str]:
-    s, pre = data["settings"], data["pretrain"]
+    s, bases, matched = data["settings"], data["bases"], data["compute_matched"]
     seeds = s["seeds"]
+    summary = data["summary"]
+    labels = {a["key"]: a["label"] for a in data["arms"]}
+    reached = [b for b in bases if b["plateau_reached"]]
     lines = [
         "## Study 1: past saturation",
         "",
-        f"A Llama of {_count(data['base_params'])} parameters (hidden {s['hidden']}, {s['layers']} layers, "
-        f"{s['heads']} heads, SwiGLU {s['intermediate']}, byte-level vocabulary of 257, tied embeddings) is trained "
-        f"from scratch on the embedded corpus ({data['corpus']}), {s['batch_size']} blocks of {s['block_length']} "
-        f"bytes a step, at a constant learning rate of {s['pretrain_lr']} after {s['warmup_steps']} warm-up steps. "
-        f"Held-out loss (nats per byte, {data['held_out_tokens']:,} held-out bytes) is measured every "
-        f"{s['eval_every']} steps. Why this model: bytes keep the embedding table at 257 rows (about 3 % of the "
-        "parameters), so nearly every weight sits in the linear layers the adapters act on, and the low end of the "
-        "issue's 1-5 M range is what lets a million tokens of pretraining, the most these 2-core machines give in "
-        "minutes, come near a plateau. **Saturation criterion:** stop when the best held-out loss of the last "
-        f"{s['patience']} evaluations is not at least {s['min_improvement']:.1%} below the best loss before them "
-        f"(at most {s['max_pretrain_steps']} steps).",
+        f"Per seed ({', '.join(map(str, seeds))}: the seed draws the model's initialisation, which training blocks "
+        "pretraining may use and their order, and seeds every adapter), a Llama of "
+        f"{_count(data['base_params'])} parameters (hidden {s['hidden']}, {s['layers']} layers, {s['heads']} heads, "
+        f"SwiGLU {s['intermediate']}, byte-level vocabulary of 257, tied embeddings) is trained from scratch on the "
+        f"embedded corpus ({data['corpus']}), {s['batch_size']} blocks of {s['block_length']} bytes a step, at a "
+        f"constant learning rate of {s['pretrain_lr']} after {s['warmup_steps']} warm-up steps. Its pool is every "
+        "training block but those the seed keeps for the continuation; when pretraining needs more steps than the "
+        "pool has, it goes through the pool again in a new order. "
+        "The held-out documents give two disjoint sets of blocks: **validation** "
+        f"({data['validation_tokens']:,} bytes, evaluated every {s['eval_every']} steps: the curves and the plateau "
+        f"criterion) and **test** ({data['test_tokens']:,} bytes: every loss in the table). The model is this "
+        "small so that it can saturate within the tokens these 2-core machines train in minutes, and keeps "
+        f"{s['layers']} layers for the adapters to act on. **Saturation criterion:** stop when the best "
+        f"validation loss of the last {s['patience']} evaluations is not at least {s['min_improvement']:.1%} below "
+        f"the best loss before them (at most {s['max_pretrain_steps']} steps).",
         "",
-        f"Pretraining stopped after {pre['steps']} steps ({pre['tokens']:,} tokens): {pre['stop_reason']}. "
-        f"Held-out loss there: {pre['final_loss']:.4f} (best seen {pre['best_loss']:.4f}).",
+    ]
+    if len(reached) == len(bases):
+        lines.append(f"**The plateau was reached on every seed ({len(bases)} of {len(bases)}).**")
+    else:
+        missing = ", ".join(str(b["seed"]) for b in bases if not b["plateau_reached"])
+        lines.append(
+            f"**The plateau was NOT reached on {len(bases) - len(reached)} of {len(bases)} seeds (seed {missing}): "
+            f"the budget of {s['max_pretrain_steps']} steps ran out while the validation loss was still falling, "
+            "so on those seeds the continuation starts from a model that is still learning, not a saturated one.**"
+        )
+    lines += [
         "",
-        f"From that checkpoint every arm trains on the same {data['continue_tokens']:,} fresh tokens (blocks "
-        f"pretraining never drew), {s['continue_steps']} steps with the runner's linear decay to zero: full training "
-        f"at the pretraining rate {s['pretrain_lr']}, adapters at {s['adapter_lr']}, all adapters on every linear "
-        f"layer with lora_alpha = 2 x rank. Seeds: {', '.join(map(str, seeds))} (adapter initialisation and data "
-        "order); with several seeds a cell shows mean [min, max].",
-        "",
-        *_reproduce(data),
-        f"![held-out loss against tokens]({data.get('plot', 'saturation_loss.png')})",
-        "",
-        f"| arm | final held-out loss | change from the {_start_name(data)} | trainable params | adapter params "
-        "active per "
-        "token | training time (s) | time / LoRA r |",
+        f"| seed | pretraining stopped | steps | tokens (epochs of the pool) | validation loss | fall of the best "
+        f"validation loss over the last {s['patience']} evaluations | test loss (the base) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    finals: dict[str, float] = {}
-    times = {key: mean(r["train_seconds"] for r in runs) for key, runs in data["runs"].items()}
-    reference_time = next((times[a["key"]] for a in data["arms"] if a["kind"] == "lora"), None)
+    for b in bases:
+        fall = b.get("last_window_improvement")
+        lines.append(
+            f"| {b['seed']} | {b['stop_reason']} | {b['steps']} | {b['tokens']:,} ({b['epochs']:.2f}) "
+            f"| {b['final_loss']:.4f} | {'-' if fall is None else f'{fall:.2%}'} | {b['test_loss']:.4f} |"
+        )
+    lines += [
+        "",
+        f"From its base every arm of a seed trains on the same {data['continue_tokens']:,} fresh tokens (blocks its "
+        f"pretraining never drew), {s['continue_steps']} steps of AdamW with {s['warmup_steps']} warm-up steps and "
+        "linear decay to zero (the control alone keeps the pretraining's constant rate), every adapter on every "
+        "linear layer with lora_alpha = 2 x rank. **Learning rates:** "
+        + (
+            f"every arm at {s['pretrain_lr']}, the pretraining rate (not tuned per arm)."
+            if s["adapter_lr"] == s["pretrain_lr"]
+            else f"full training at the pretraining rate {s['pretrain_lr']}, every adapter at one rate, "
+            f"{s['adapter_lr']} (not tuned per arm)."
+        )
+        + " **Compute-matched LoRA:** the smallest rank whose parameters per token reach the "
+        f"tree's active parameters per token (one leaf per layer plus the {s['depth']} routers on a token's path, "
+        f"depth x (in + 1) per module): {matched['tree_active_per_token']:,} -> LoRA r={matched['rank']} "
+        f"({matched['rank'] * matched['per_rank']:,}); a sequence router runs once per sequence, so a token of the "
+        "sequence-routed tree costs what LoRA r costs. Every model is evaluated as served (evaluation mode; a tree "
+        "applies one leaf per token or sequence). **Improvement** is the base's test loss minus the arm's, per seed.",
+        "",
+        *_reproduce(data),
+        f"![pretraining, continuation and test-loss improvement]({data.get('plot', 'saturation_loss.png')})",
+        "",
+        "Cells: mean [min, max] over seeds." if len(seeds) > 1 else "One seed.",
+        "",
+        "| arm | role | test loss after | improvement over the base | improvement per seed "
+        f"({', '.join(map(str, seeds))}) | trainable params | params per token | training time (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for arm in data["arms"]:
-        runs = data["runs"].get(arm["key"], [])
+        runs = [r for r in data["runs"] if r["arm"] == arm["key"]]
         if not runs:
             continue
-        losses = [r["final_loss"] for r in runs]
-        finals[arm["key"]] = mean(losses)
-        change = [loss - pre["final_loss"] for loss in losses]
-        ratio = f"{times[arm['key']] / reference_time:.2f}" if reference_time else "-"
-        active = "all (full model)" if arm["kind"] == "full" else _count(runs[0]["active_params_per_token"])
+        by_seed = {r["seed"]: r["improvement"] for r in runs}
+        active = "all (full model)" if arm["kind"] == "full" else f"{runs[0]['active_params_per_token']:,}"
+        roles = ", ".join(SATURATION_ROLES.get(role, role) for role in arm["roles"])
         lines.append(
-            f"| {arm['label']} | {_spread(losses)} | {_spread(change, 4)} | {_count(runs[0]['trainable_params'])} "
-            f"| {active} | {_spread([r['train_seconds'] for r in runs], 0)} | {ratio} |"
+            f"| {arm['label']} | {roles} | {_summary_cell(summary[arm['key']]['test_loss'], 4)} "
+            f"| {_summary_cell(summary[arm['key']]['improvement'], 4, '+')} "
+            f"| {', '.join(f'{by_seed[seed]:+.4f}' if seed in by_seed else '-' for seed in seeds)} "
+            f"| {runs[0]['trainable_params']:,} | {active} "
+            f"| {_summary_cell(summary[arm['key']]['train_seconds'], 0)} |"
         )
-    lines += ["", *_saturation_reading(data, finals), ""]
+    lines += ["", "**Verdict (computed from the runs).** " + data["verdict"]["text"], ""]
+    entropies = [
+        f"{labels[arm['key']]} {mean(v):.2f}"
+        for arm in data["arms"]
+        if (
+            v := [
+                r["leaf_usage_entropy"]
+                for r in data["runs"]
+                if r["arm"] == arm["key"] and r["leaf_usage_entropy"] is not None
+            ]
+        )
+    ]
+    if entropies:
+        lines += [
+            "Leaf usage on the validation blocks under served routing (normalised entropy, 1 = every leaf used "
+            "equally, 0 = one leaf takes all): " + ", ".join(entropies) + ".",
+            "",
+        ]
     return lines
 
 
-def _start_name(data: dict[str, Any]) -> str:
-    """What the continuation starts from: only a run that met the criterion is called saturated."""
-    return "saturated model" if data["pretrain"]["plateau_reached"] else "pretrained (not saturated) model"
-
-
-def _saturation_reading(data: dict[str, Any], finals: dict[str, float]) -> list[str]:
-    if not finals:
-        return []
-    labels = {a["key"]: a["label"] for a in data["arms"]}
-    kinds = {a["key"]: a["kind"] for a in data["arms"]}
-    plateau = data["pretrain"]["final_loss"]
-    ranked = sorted(finals, key=finals.get)
-    loras = [k for k in ranked if kinds[k] == "lora"]
-    narrow = next((a["key"] for a in data["arms"] if a["kind"] == "lora"), None)
-    wide = next((a["key"] for a in reversed(data["arms"]) if a["kind"] == "lora"), None)
-    text = [
-        "**What the numbers say.** "
-        + "Ranking by final held-out loss: "
-        + ", ".join(f"{labels[k]} {finals[k]:.4f}" for k in ranked)
-        + f" (the {_start_name(data)}: {plateau:.4f})."
-    ]
-    improved = [k for k in ranked if finals[k] < plateau]
-    text.append(
-        f"{len(improved)} of {len(finals)} arms end below the loss of the {_start_name(data)}"
-        + (
-            f"; the largest gain is {plateau - finals[ranked[0]]:.4f} nats per byte ({labels[ranked[0]]})."
-            if improved
-            else "."
-        )
-    )
-    for tree in ("tree_token", "tree_sequence"):
-        if tree not in finals or not loras:
-            continue
-        against = []
-        for lora in (narrow, wide):
-            if lora in finals:
-                gap = finals[tree] - finals[lora]
-                verdict = "better than" if gap < 0 else "worse than"
-                against.append(f"{abs(gap):.4f} {verdict} {labels[lora]}")
-        text.append(f"{labels[tree]}: " + "; ".join(against) + ".")
-    if "full" in finals:
-        trainable = data["runs"]["full"][0]["trainable_params"]
-        text.append(
-            f"Full training of the base ({_count(trainable)} trainable parameters) ends at {finals['full']:.4f}."
-        )
-    entropies = {
-        k: [r["leaf_usage_entropy"] for r in data["runs"][k] if r.get("leaf_usage_entropy") is not None]
-        for k in finals
-        if kinds[k] == "tree"
-    }
-    usage = [f"{labels[k]} {mean(v):.2f}" for k, v in entropies.items() if v]
-    if usage:
-        text.append(
-            "Leaf usage on held-out text (normalised entropy, 1 = every leaf equally used, 0 = one leaf takes all): "
-            + ", ".join(usage)
-            + "."
-        )
-    seeds = len(data["settings"]["seeds"])
-    if seeds == 1:
-        text.append(
-            "One seed only: differences of a few thousandths of a nat are within what a different seed or data "
-            "order could change."
-        )
-    return [" ".join(text)]
+def _summary_cell(figures: dict[str, Any], digits: int, sign: str = "") -> str:
+    if figures["n"] == 1:
+        return f"{figures['mean']:{sign}.{digits}f}"
+    return f"{figures['mean']:{sign}.{digits}f} [{figures['min']:{sign}.{digits}f}, {figures['max']:{sign}.{digits}f}]"
 
 
 def _facts_section(data: dict[str, Any]) -> list[str]:
