@@ -29,8 +29,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     described = {
         "saturation": (
             SaturationSettings,
-            "pretrain a tiny Llama until held-out loss plateaus, then continue five ways (full, LoRA, TreeLoRA "
-            "token and sequence routing, wide LoRA) for the same tokens",
+            "pretrain a tiny Llama until held-out loss plateaus, then continue several ways (full training, LoRA r, "
+            "the compute-matched LoRA, LoRA r*2**d, TreeLoRA token and sequence routing) for the same tokens",
         ),
         "facts": (
             FactsSettings,

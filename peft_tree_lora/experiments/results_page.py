@@ -11,11 +11,12 @@ from typing import Any
 from .capacity import RESULT_FILE as CAPACITY_FILE
 from .common import read_json
 from .facts import RESULT_FILE as FACTS_FILE
+from .results_capacity import CAPACITY_TITLE, _capacity_section
+from .results_format import _count, _reproduce, _spread
 from .saturation import RESULT_FILE as SATURATION_FILE
 
 PAGE = "RESULTS.md"
 NOTES_BEGIN, NOTES_END = "<!-- BEGIN notes -->", "<!-- END notes -->"
-CAPACITY_TITLE = "Study 3: capacity at matched compute"
 
 
 def write_results_page(folder: Path) -> Path:
@@ -49,33 +50,6 @@ def _kept_notes(path: Path) -> str:
         return ""
     match = re.search(re.escape(NOTES_BEGIN) + r"\n?(.*?)\n?" + re.escape(NOTES_END), path.read_text(), re.S)
     return match.group(1) if match else ""
-
-
-def _spread(values: list[float], digits: int = 4) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{mean(values):.{digits}f} [{min(values):.{digits}f}, {max(values):.{digits}f}]"
-
-
-def _count(value: float) -> str:
-    return f"{value / 1e6:.2f} M" if value >= 1e6 else f"{value / 1e3:.1f} k" if value >= 1e4 else f"{value:,.0f}"
-
-
-def _reproduce(data: dict[str, Any]) -> list[str]:
-    versions = ", ".join(f"{k} {v}" for k, v in data["versions"].items() if k != "machine")
-    return [
-        "Reproduce (after `python3 tasks.py setup`, from the repository root):",
-        "",
-        "```bash",
-        *(data["command"] if isinstance(data["command"], list) else [data["command"]]),
-        "```",
-        "",
-        f"Versions: {versions}. Machine: {data['versions']['machine']}. "
-        f"Wall time of the whole study{' (all commands)' if isinstance(data['command'], list) else ''}: "
-        f"{data['wall_seconds'] / 60:.1f} min (the machine was shared with other jobs, "
-        "so times are noisy; compare training times only within one table).",
-        "",
-    ]
 
 
 SATURATION_ROLES = {
@@ -300,104 +274,3 @@ def _facts_reading(data: dict[str, Any]) -> list[str]:
             + " the ~2 bits per parameter anchor."
         )
     return [" ".join(text)]
-
-
-ROLE_NAMES = {
-    "lora_r": "LoRA r",
-    "lora_all_leaves": "as many params as all leaves",
-    "tree": "tree variant",
-    "frozen_router": "control: routers frozen",
-}
-
-
-def _capacity_section(data: dict[str, Any]) -> list[str]:
-    s, bases, matched = data["settings"], data["bases"], data["compute_matched"]
-    summary = data["summary"]
-    labels = {a["key"]: a["label"] for a in data["arms"]}
-    seeds = s["seeds"]
-    planned = [v["key"] for v in data["tree_variants"] if v["key"] not in s["tree_arms"]]
-    lines = [
-        f"## {CAPACITY_TITLE}",
-        "",
-        f"The facts study's set-up at one size, N={s['people']} people ({4 * s['people']} facts), over "
-        f"{len(seeds)} seed{'s' * (len(seeds) > 1)} ({', '.join(map(str, seeds))}; a seed draws the background and "
-        "study people, trains its own base and seeds every adapter). Base per seed: the word-level Llama (hidden "
-        f"{s['hidden']}, {s['layers']} layers, {s['heads']} heads, SwiGLU {s['intermediate']}, "
-        f"{_count(bases[0]['params'])} parameters) trained in full on {s['background']} background people for "
-        f"{s['background_epochs']} epochs; it recalls {_spread([b['background_recall'] for b in bases], 3)} of "
-        f"their facts and {_spread([b['recall_before'] for b in bases], 3)} of the study people's. Every arm then "
-        f"trains from that base for {s['epochs']} epochs with the same optimiser (AdamW, linear decay), batch "
-        f"{s['batch_size']} and steps, on every linear layer with lora_alpha = 2 x rank. **Learning rates, one rule "
-        f"for every arm:** each arm trains at every rate of {s['lr_grid']} on the people of validation seed "
-        f"{s['validation_seed']} (not test people) and keeps the rate with the best held-out recall there: "
-        + ", ".join(f"{labels[k]} {lr}" for k, lr in data.get("learning_rates", {}).items())
-        + ".",
-        "",
-        "**Compute-matched LoRA.** Each tree variant is compared with the smallest LoRA whose parameters per token "
-        "are at least the tree's active parameters per token (one leaf per layer plus the routers a token runs: "
-        "depth x (in + 1) per module for token routing, per block for block routing; a sequence router runs once "
-        "per sequence): "
-        + "; ".join(
-            f"{labels[k]} {m['tree_active_per_token']:,} -> LoRA r={m['rank']} ({m['rank'] * m['per_rank']:,})"
-            for k, m in matched.items()
-        )
-        + ". The frozen-router control is the default tree with every router parameter frozen at its random "
-        "initialisation. **Served** figures are the model in evaluation mode with the adapter's own inference "
-        "routing (one leaf per token or sequence); the **mixed** columns evaluate the same trained tree with every "
-        "leaf mixed by its path probability (what soft training trains; for hard training a different function)."
-        + (f" Tree variants defined but not run: {', '.join(planned)}." if planned else ""),
-        "",
-        *_reproduce(data),
-        f"![held-out recall per arm and against active parameters per token]({data.get('plot', 'capacity.png')})",
-        "",
-        "Cells: mean [min, max] over seeds." if len(seeds) > 1 else "One seed.",
-        "",
-        "| arm | role | held-out recall | recall, a seen paraphrase | facts recalled | bits | bits / active param "
-        "| trainable adapter params (active per token) | held-out loss | mixed - served recall | mixed - served loss "
-        "| training time (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for arm in data["arms"]:
-        figures = summary.get(arm["key"], {})
-        runs = [r for r in data["runs"] if r["arm"] == arm["key"]]
-        if not runs:
-            continue
-
-        def cell(metric: str, digits: int, figures: dict[str, Any] = figures) -> str:
-            f = figures.get(metric)
-            if f is None:
-                return "-"
-            if f["n"] == 1:
-                return f"{f['mean']:.{digits}f}"
-            return f"{f['mean']:.{digits}f} [{f['min']:.{digits}f}, {f['max']:.{digits}f}]"
-
-        roles = ", ".join(
-            f"compute-matched to {role.split(':', 1)[1]}" if role.startswith("compute_matched:") else ROLE_NAMES[role]
-            for role in arm["roles"]
-        )
-        lines.append(
-            f"| {arm['label']} | {roles} | {cell('recall', 3)} | {cell('recall_seen_paraphrase', 3)} "
-            f"| {cell('facts_recalled', 0)} | {cell('bits', 0)} | {cell('bits_per_active_param', 4)} "
-            f"| {_count(runs[0]['trainable_params'])} ({_count(runs[0]['active_params_per_token'])}) "
-            f"| {cell('held_out_loss', 3)} | {cell('soft_minus_hard_recall', 3)} | {cell('soft_minus_hard_loss', 3)} "
-            f"| {cell('train_seconds', 0)} |"
-        )
-    entropies = [
-        f"{arm['label']} {mean(v):.2f}"
-        for arm in data["arms"]
-        if (
-            v := [
-                r["leaf_usage_entropy"]
-                for r in data["runs"]
-                if r["arm"] == arm["key"] and r["leaf_usage_entropy"] is not None
-            ]
-        )
-    ]
-    lines += ["", "**Verdict (computed from the runs).** " + data["verdict"]["text"], ""]
-    if entropies:
-        lines += [
-            "Leaf usage on the held-out paraphrases under served routing (normalised entropy, 1 = every leaf used "
-            "equally, 0 = one leaf takes all): " + ", ".join(entropies) + ".",
-            "",
-        ]
-    return lines
