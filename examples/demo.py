@@ -31,7 +31,7 @@ def main() -> None:
     up = torch.arange(0, 32, 2).repeat(4, 1)
     down = torch.arange(63, 31, -2).repeat(4, 1)
     batch = torch.cat([up, down])
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
     for step in range(40):
         outputs = model(input_ids=batch, labels=batch)
