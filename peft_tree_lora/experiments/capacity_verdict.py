@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import statistics
 from typing import Any
+
+from .common import summarise_runs
 
 # Per-arm figures summarised over seeds (mean, std, min, max) in the JSON and on the results page.
 SUMMARY_METRICS = (
@@ -21,22 +22,8 @@ SUMMARY_METRICS = (
 
 
 def summarise(runs: list[dict[str, Any]], arm_keys: list[str]) -> dict[str, dict[str, dict[str, float]]]:
-    """Per arm and metric of `SUMMARY_METRICS`: mean, std (sample; 0 for one seed), min and max over the seeds."""
-    summary: dict[str, dict[str, dict[str, float]]] = {}
-    for key in arm_keys:
-        arm_runs = [r for r in runs if r["arm"] == key]
-        summary[key] = {}
-        for metric in SUMMARY_METRICS:
-            values = [r[metric] for r in arm_runs if r.get(metric) is not None]
-            if values:
-                summary[key][metric] = {
-                    "mean": statistics.fmean(values),
-                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                    "min": min(values),
-                    "max": max(values),
-                    "n": len(values),
-                }
-    return summary
+    """Per arm and metric of `SUMMARY_METRICS`: mean, std, min, max and n over the seeds."""
+    return summarise_runs(runs, arm_keys, SUMMARY_METRICS)
 
 
 def compare_by_seed(runs: list[dict[str, Any]], key: str, other: str, metric: str = "recall") -> dict[str, Any]:

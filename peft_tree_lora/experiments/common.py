@@ -144,3 +144,25 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 def read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def summarise_runs(
+    runs: list[dict[str, Any]], arm_keys: list[str], metrics: Sequence[str]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Per arm and metric: mean, std (sample; 0 for one seed), min, max and n over the seeds that have it."""
+    import statistics
+
+    summary: dict[str, dict[str, dict[str, float]]] = {}
+    for key in arm_keys:
+        summary[key] = {}
+        for metric in metrics:
+            values = [r[metric] for r in runs if r["arm"] == key and r.get(metric) is not None]
+            if values:
+                summary[key][metric] = {
+                    "mean": statistics.fmean(values),
+                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "min": min(values),
+                    "max": max(values),
+                    "n": len(values),
+                }
+    return summary

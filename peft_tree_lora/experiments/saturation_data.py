@@ -12,7 +12,6 @@ from transformers import TrainerCallback
 from ..app.data import load_corpus, tokenize_blocks
 from ..tuner.errors import TreeLoraUsageError
 from .common import ByteTokenizer
-from .saturation_verdict import _stop_summary, leaf_usage_entropy, summarise, verdict  # noqa: F401
 
 HELD_OUT_SHUFFLE_SEED = 1234  # fixes which held-out blocks are validation and which are test, for every seed
 

@@ -3,27 +3,16 @@
 from __future__ import annotations
 
 import math
-import statistics
 from typing import Any
+
+from .common import summarise_runs
 
 SUMMARY_METRICS = ("test_loss", "improvement", "validation_loss", "train_seconds")
 
 
 def summarise(runs: list[dict[str, Any]], arm_keys: list[str]) -> dict[str, dict[str, dict[str, float]]]:
-    """Per arm and metric: mean, min, max and n over the seeds."""
-    summary: dict[str, dict[str, dict[str, float]]] = {}
-    for key in arm_keys:
-        summary[key] = {}
-        for metric in SUMMARY_METRICS:
-            values = [r[metric] for r in runs if r["arm"] == key and r.get(metric) is not None]
-            if values:
-                summary[key][metric] = {
-                    "mean": statistics.fmean(values),
-                    "min": min(values),
-                    "max": max(values),
-                    "n": len(values),
-                }
-    return summary
+    """Per arm and metric of `SUMMARY_METRICS`: mean, std, min, max and n over the seeds."""
+    return summarise_runs(runs, arm_keys, SUMMARY_METRICS)
 
 
 def verdict(data: dict[str, Any]) -> dict[str, Any]:
