@@ -13,7 +13,7 @@ from peft import get_peft_model
 
 from benchmarks.tree_lora_bench import configure_parser, run
 from peft_tree_lora import TreeLoraConfig
-from peft_tree_lora.tuner import leaves, routing
+from peft_tree_lora.tuner import grouped, leaves, routing
 
 IN, OUT, RANK = 24, 40, 4
 SCALING = 1.5
@@ -60,7 +60,7 @@ HARD_KERNELS = {
     "gathered": leaves.gathered,
     "masked_dense": leaves.masked_dense,
     "grouped_by_loop": leaves.grouped_by_loop,
-    "grouped_by_grouped_mm": leaves.grouped_by_grouped_mm,
+    "grouped": leaves.grouped,
 }
 
 
@@ -83,7 +83,7 @@ def test_soft_mix_equals_weighted_sum_of_every_leaf_in_output_and_gradients(dept
 @pytest.mark.parametrize("depth", [1, 2, 4, 6])
 @pytest.mark.parametrize("rows", [1, 5, 64, 300])
 def test_hard_kernel_applies_only_each_rows_leaf(kernel, depth, rows):
-    if kernel == "grouped_by_grouped_mm" and not hasattr(torch.nn.functional, "grouped_mm"):
+    if kernel == "grouped" and not hasattr(torch.nn.functional, "grouped_mm"):
         pytest.skip("this torch has no grouped_mm")
     lora_A, lora_B = leaf_tensors(depth)
     x = torch.randn(rows, IN)
@@ -93,13 +93,16 @@ def test_hard_kernel_applies_only_each_rows_leaf(kernel, depth, rows):
     torch.testing.assert_close(fast, reference_per_row(x, lora_A, lora_B, leaf, SCALING), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kernel", list(HARD_KERNELS))
 @pytest.mark.parametrize("depth", [1, 4])
 @pytest.mark.parametrize("rows", [3, 200])
-def test_hard_routing_gradients_match_reference(depth, rows):
+def test_hard_kernel_gradients_match_reference(kernel, depth, rows):
+    if kernel == "grouped" and not hasattr(torch.nn.functional, "grouped_mm"):
+        pytest.skip("this torch has no grouped_mm")
     lora_A, lora_B = leaf_tensors(depth, requires_grad=True)
     x = torch.randn(rows, IN, requires_grad=True)
     leaf = some_leaves(rows, depth)
-    fast = leaves.apply_leaf_per_row(x, lora_A, lora_B, leaf, SCALING)
+    fast = HARD_KERNELS[kernel](x, lora_A, lora_B, leaf, SCALING)
     slow = reference_per_row(x, lora_A, lora_B, leaf, SCALING)
     upstream = torch.randn_like(slow)
     for fast_grad, slow_grad in zip(
@@ -109,13 +112,69 @@ def test_hard_routing_gradients_match_reference(depth, rows):
         torch.testing.assert_close(fast_grad, slow_grad, rtol=1e-4, atol=1e-4)
 
 
-def test_grouped_mm_is_not_used_where_it_cannot_run():
+def test_grouped_kernel_is_not_used_where_grouped_mm_cannot_run():
     lora_A, lora_B = leaf_tensors(2)
     x = torch.randn(10, IN)
-    assert leaves.grouped_mm_usable(x, lora_A, lora_B) == leaves.USE_GROUPED_MM
-    assert not leaves.grouped_mm_usable(x, lora_A.requires_grad_(True), lora_B)  # needs autograd: no CPU backward
-    assert not leaves.grouped_mm_usable(x.double(), lora_A.detach().double(), lora_B.double())
-    assert not leaves.grouped_mm_usable(torch.randn(10, 6), torch.randn(4, 3, 6))  # strides not 16-byte aligned
+    assert grouped.grouped_leaves_usable(x, lora_A, lora_B)
+    assert grouped.grouped_leaves_usable(x, lora_A.requires_grad_(True), lora_B)  # it has a backward
+    assert grouped.grouped_leaves_usable(x.bfloat16(), lora_A.detach().bfloat16(), lora_B.bfloat16())
+    assert not grouped.grouped_leaves_usable(x.double(), lora_A.detach().double(), lora_B.double())
+    assert not grouped.grouped_leaves_usable(torch.randn(10, 6), torch.randn(4, 3, 6), torch.randn(4, 8, 3))  # width 6
+
+
+@pytest.mark.parametrize("rank", [1, 3, 4, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_kernel_takes_any_rank_and_both_cpu_dtypes(rank, dtype):
+    """Ranks that are not a multiple of the alignment are padded inside the kernel; the result is unchanged."""
+    generator = torch.Generator().manual_seed(rank)
+    lora_A = torch.randn(8, rank, 16, generator=generator).to(dtype).requires_grad_(True)
+    lora_B = torch.randn(8, 24, rank, generator=generator).to(dtype).requires_grad_(True)
+    x = torch.randn(50, 16, generator=generator).to(dtype).requires_grad_(True)
+    leaf = some_leaves(50, 3)
+    fast = leaves.grouped(x, lora_A, lora_B, leaf, SCALING)
+    slow = reference_per_row(x.float(), lora_A.float(), lora_B.float(), leaf, SCALING)
+    close_enough(fast, slow, dtype)
+    upstream = torch.randn(slow.shape, generator=generator)
+    fast_grads = torch.autograd.grad(fast, (x, lora_A, lora_B), upstream.to(dtype))
+    slow_grads = torch.autograd.grad(slow, (x, lora_A, lora_B), upstream)
+    for fast_grad, slow_grad in zip(fast_grads, slow_grads):
+        assert fast_grad.shape == slow_grad.shape
+        close_enough(fast_grad, slow_grad, dtype)
+
+
+def close_enough(fast, slow, dtype):
+    """float32 to rounding; bf16 (8 bits of mantissa) to 2% of the largest entry."""
+    slow = slow.float()
+    if dtype == torch.float32:
+        torch.testing.assert_close(fast.float(), slow, rtol=1e-4, atol=1e-4)
+    else:
+        torch.testing.assert_close(fast.float(), slow, rtol=2e-2, atol=2e-2 * slow.abs().max().item())
+
+
+def test_grouped_kernel_passes_torch_library_opcheck():
+    """The operator's fake (meta) implementation, autograd registration and schema agree with what it computes, so
+    `torch.compile` can trace it as one node."""
+    lora_A, lora_B = leaf_tensors(3, requires_grad=True)
+    x = torch.randn(30, IN, requires_grad=True)
+    torch.library.opcheck(grouped.grouped_leaves, (x, lora_A, lora_B, some_leaves(30, 3), SCALING))
+
+
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_mix_gradient_equals_the_gradient_of_adding_and_subtracting_the_soft_mix(per_sequence):
+    """The straight-through estimate: the served value, unchanged, with the routers' gradient of the soft mix."""
+    lora_A, lora_B = leaf_tensors(3)
+    x = torch.randn(4, 6, IN) if per_sequence else torch.randn(24, IN)
+    weights = torch.softmax(torch.randn(x.shape[0], 8), dim=-1).requires_grad_(True)
+    served = torch.randn(x.shape[:-1] + (OUT,), requires_grad=True)
+    fast = leaves.with_mix_gradient(served, weights, x, lora_A, lora_B, SCALING)
+    mix = leaves.mix_leaves(x, lora_A, lora_B, weights.unsqueeze(1) if per_sequence else weights, SCALING)
+    slow = served + (mix - mix.detach())
+    assert torch.equal(fast, served)
+    upstream = torch.randn_like(slow)
+    for fast_grad, slow_grad in zip(
+        torch.autograd.grad(fast, (served, weights), upstream), torch.autograd.grad(slow, (served, weights), upstream)
+    ):
+        torch.testing.assert_close(fast_grad, slow_grad, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("depth", [0, 1, 3, 5])

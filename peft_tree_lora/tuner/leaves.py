@@ -3,16 +3,15 @@
 Soft routing mixes every leaf; hard routing applies one leaf per row. Neither builds a `(tokens, L, out)` tensor:
 the soft mix weights the rank-space activations, and the hard path only touches the chosen leaf of each row.
 
-Hard routing has four kernels, picked per call by the number of rows and leaves (thresholds measured with
-`tree-lora bench` and the micro-benchmarks described in the README's performance section, on 2 CPU cores):
+Hard routing picks a kernel per call from the number of rows and leaves (thresholds measured with `tree-lora bench`
+on 2 CPU cores). None of them syncs with the host except the last-resort loop:
 - gathered: each row's leaf matrices are gathered and applied by a batched matmul. Fewest operations, but its memory
   traffic is rows x r x (in + out): only for a handful of rows (decoding a few sequences token by token).
-- masked dense: with two leaves, computing both and zeroing the other leaf's rank activations costs two rank-r LoRAs
-  and no sorting; from four leaves on, sorting is cheaper.
-- grouped_mm: rows sorted by leaf, then one grouped matmul per factor (`torch.nn.functional.grouped_mm`), which runs
-  all leaves in one kernel call. Fastest for many rows; its per-group cost makes it lose when leaves far outnumber
-  rows. It has no CPU backward and wants 16-byte-aligned strides, so it serves inference only.
-- grouped loop: rows sorted by leaf, one matmul pair per leaf in use. The general fallback (autograd, any dtype).
+- masked dense: every leaf computed and the other leaves' rank activations zeroed. Costs one rank-`L*r` LoRA and
+  no sorting: the choice for two leaves, and on devices where `grouped_mm` cannot run (sync-free, unlike the loop).
+- grouped: rows sorted by leaf, then one `grouped_mm` per factor for all leaves (`grouped.py`), forward and
+  backward. Fastest for many rows; its per-group cost makes it lose when leaves far outnumber rows.
+- grouped loop: rows sorted by leaf, one matmul pair per leaf in use. For CPU dtypes `grouped_mm` does not take.
 """
 
 from __future__ import annotations
@@ -20,13 +19,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .grouped import grouped_leaves, grouped_leaves_usable
+
 # Up to this many rows, gathering each row's leaf weights beats sorting rows into groups.
 GATHER_MAX_ROWS = 8
 # Up to this many leaves, computing every leaf and masking beats sorting rows into groups.
 MASKED_DENSE_MAX_LEAVES = 2
 # grouped_mm pays a fixed cost per leaf, used or not: it is chosen while leaves <= this many times the rows.
 GROUPED_MM_MAX_LEAVES_PER_ROW = 2
-# Off switch for the grouped_mm kernel (tests use it to compare the kernels with each other).
+# Off switch for the grouped_mm kernels (tests use it to compare the kernels with each other).
 USE_GROUPED_MM = hasattr(F, "grouped_mm")
 
 
@@ -60,8 +61,11 @@ def apply_leaf_per_row(
         return gathered(x, lora_A, lora_B, leaf, scaling)
     if num_leaves <= MASKED_DENSE_MAX_LEAVES:
         return masked_dense(x, lora_A, lora_B, leaf, scaling)
-    if num_leaves <= GROUPED_MM_MAX_LEAVES_PER_ROW * rows and grouped_mm_usable(x, lora_A, lora_B):
-        return grouped_by_grouped_mm(x, lora_A, lora_B, leaf, scaling)
+    if USE_GROUPED_MM and grouped_leaves_usable(x, lora_A, lora_B):
+        if num_leaves <= GROUPED_MM_MAX_LEAVES_PER_ROW * rows:
+            return grouped(x, lora_A, lora_B, leaf, scaling)
+    if x.device.type != "cpu":
+        return masked_dense(x, lora_A, lora_B, leaf, scaling)
     return grouped_by_loop(x, lora_A, lora_B, leaf, scaling)
 
 
@@ -82,14 +86,10 @@ def masked_dense(
     return F.linear(hidden.flatten(1), lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], num_leaves * rank))
 
 
-def grouped_by_grouped_mm(
+def grouped(
     x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, leaf: torch.Tensor, scaling: float = 1.0
 ) -> torch.Tensor:
-    order, inverse = _sorting(leaf)
-    ends = torch.bincount(leaf, minlength=lora_A.shape[0]).cumsum(0, dtype=torch.int32)
-    hidden = F.grouped_mm(x.index_select(0, order), lora_A.transpose(1, 2), offs=ends)
-    sorted_out = F.grouped_mm(_scaled(hidden, scaling), lora_B.transpose(1, 2), offs=ends)
-    return sorted_out.index_select(0, inverse)
+    return grouped_leaves(x, lora_A, lora_B, leaf, float(scaling))
 
 
 def grouped_by_loop(
@@ -122,11 +122,9 @@ def _scaled(hidden: torch.Tensor, scaling: float) -> torch.Tensor:
 
 
 def grouped_mm_usable(*tensors: torch.Tensor) -> bool:
-    """Whether `grouped_mm` can run on these operands here: CPU, no autograd graph, a dtype it takes, and the
-    16-byte-aligned strides it requires (row widths that are multiples of 4 floats, e.g. rank 4, 8, 16...)."""
+    """Whether `grouped_mm` can run on these operands without autograd (the split router descent): CPU float32
+    with 16-byte-aligned strides (row widths that are multiples of 4 floats)."""
     if not USE_GROUPED_MM:
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     for t in tensors:
         if t.device.type != "cpu" or t.dtype != torch.float32:
@@ -149,3 +147,40 @@ def apply_leaf_per_sequence(
 def apply_one_leaf(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
     """`scaling * B A x` for one leaf's `A` (`r, in`) and `B` (`out, r`): a plain LoRA."""
     return F.linear(_scaled(F.linear(x, lora_A), scaling), lora_B)
+
+
+class _MixGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, served, weights, x, lora_A, lora_B, scaling):
+        ctx.save_for_backward(x, lora_A, lora_B)
+        ctx.scaling = scaling
+        ctx.weights_dim = weights.dim()
+        return served.view_as(served)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, lora_A, lora_B = ctx.saved_tensors
+        num_leaves, rank, in_features = lora_A.shape
+        hidden = F.linear(x, lora_A.reshape(num_leaves * rank, in_features))
+        projected = torch.matmul(grad.to(lora_B.dtype), lora_B.permute(1, 0, 2).reshape(-1, num_leaves * rank))
+        grad_weights = (hidden * projected).unflatten(-1, (num_leaves, rank)).sum(-1) * ctx.scaling
+        while grad_weights.dim() > ctx.weights_dim:  # one weight per sequence: sum over its tokens
+            grad_weights = grad_weights.sum(1)
+        return grad, grad_weights, None, None, None, None
+
+
+def with_mix_gradient(
+    served: torch.Tensor,
+    weights: torch.Tensor,
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float = 1.0,
+) -> torch.Tensor:
+    """`served`, unchanged, whose backward also gives the leaf `weights` the gradient they would get if the output
+    were the soft mix `mix_leaves(x, A, B, weights)` (leaves and input held fixed): a straight-through estimate.
+
+    Written out rather than as `served + mix - mix.detach()`, which spends a rank-`L*r` LoRA in the forward pass on
+    a value that is zero: here only the backward pays, two rank-`L*r` products. `weights` is `(rows, L)` for rows
+    of `x`, or `(batch, L)` for `x` of shape `(batch, tokens, in)`."""
+    return _MixGradient.apply(served, weights, x.detach(), lora_A.detach(), lora_B.detach(), float(scaling))

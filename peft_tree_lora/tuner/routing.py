@@ -113,7 +113,7 @@ def descend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, depth: in
     nodes = subtree_nodes(top, depth - top, weight.device)  # (2**top, 2**(d-top)) heap indices, last one a filler
     order = torch.argsort(subtree)
     ends = torch.bincount(subtree, minlength=nodes.shape[0]).cumsum(0, dtype=torch.int32)
-    sorted_logits = F.grouped_mm(x.index_select(0, order), weight[nodes].transpose(1, 2), offs=ends)
+    sorted_logits = F.grouped_mm(x.index_select(0, order), weight[nodes].transpose(1, 2).contiguous(), offs=ends)
     sorted_logits += bias[nodes].index_select(0, subtree.index_select(0, order))
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(rows, device=order.device))
     return subtree * 2 ** (depth - top) + descend_logits(sorted_logits.index_select(0, inverse), depth - top)

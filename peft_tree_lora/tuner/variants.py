@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .call import BlockRoute, RoutingCall
-from .leaves import apply_leaf_per_row, apply_leaf_per_sequence, mix_leaves
+from .leaves import apply_leaf_per_row, apply_leaf_per_sequence, mix_leaves, with_mix_gradient
 from .routing import path_prob_of_leaf, path_probs
 
 if TYPE_CHECKING:
@@ -56,8 +56,8 @@ class Leaves:
     def mixed(self, x: torch.Tensor, weights: torch.Tensor, per_sequence: bool) -> torch.Tensor:
         return mix_leaves(x, self.lora_A, self.lora_B, weights.unsqueeze(1) if per_sequence else weights, self.scaling)
 
-    def detached(self) -> Leaves:
-        return Leaves(self.lora_A.detach(), self.lora_B.detach(), self.scaling)
+    def with_mix_gradient(self, served: torch.Tensor, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return with_mix_gradient(served, weights, x, self.lora_A, self.lora_B, self.scaling)
 
 
 def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -98,8 +98,7 @@ class StraightThrough:
             return leaves.mixed(x, route.leaf_weights(), route.per_sequence)
         output = leaves.served(x, route)
         if training and route.logits is not None and route.logits.requires_grad:
-            estimate = leaves.detached().mixed(x.detach(), route.leaf_weights(), route.per_sequence)
-            output = output + (estimate - estimate.detach())
+            output = leaves.with_mix_gradient(output, x, route.leaf_weights())
         return output
 
 
