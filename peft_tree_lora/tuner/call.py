@@ -11,6 +11,10 @@ Who opens a call (see `TreeLoraModel`): its `forward`; a pre-hook on the adapted
 sequence route holds for the tokens of that call and no other. Gradient checkpointing recomputes a layer in the
 backward pass, after the call has ended: `reenter_call_on_recompute` makes the recomputation run inside the call that
 ran the forward.
+
+`torch.compile` cannot trace a context variable. While it traces, the call is held in a plain slot instead, which it
+can: the layers' reads of the call then become edges inside the compiled graph, so a compiled call reads no state
+at run time either.
 """
 
 from __future__ import annotations
@@ -24,6 +28,20 @@ from typing import Any, Protocol
 import torch
 
 _CURRENT: contextvars.ContextVar[RoutingCall | None] = contextvars.ContextVar("treelora_routing_call", default=None)
+
+
+class _TracedSlot:
+    """Where the current call is kept while `torch.compile` traces (see the module docstring)."""
+
+    call: RoutingCall | None = None
+
+
+_TRACED = _TracedSlot()
+
+
+@dataclass
+class _TracedToken:
+    previous: RoutingCall | None
 
 
 @dataclass
@@ -73,7 +91,7 @@ class RoutingCall:
     aux_losses: list[torch.Tensor] = field(default_factory=list)  # weighted, detached: what training added
     recorder: RouteRecorder | None = None
     records: list[RouteRecord] | None = None  # kept only when the call records its routes
-    hook_token: contextvars.Token | None = field(default=None, repr=False)  # set when a model pre-hook opened it
+    hook_token: Any = field(default=None, repr=False)  # set when a model pre-hook opened it
 
     def record(self, module_name: str, adapter: str, leaf: torch.Tensor, logits: torch.Tensor | None) -> None:
         if self.records is not None:
@@ -90,26 +108,35 @@ class RoutingCall:
 
 
 def current_call() -> RoutingCall | None:
+    if torch.compiler.is_compiling():
+        return _TRACED.call
     return _CURRENT.get()
 
 
-def open_call(call: RoutingCall) -> contextvars.Token:
+def open_call(call: RoutingCall) -> contextvars.Token | _TracedToken:
     """Make `call` current until `close_call` (for hooks, which cannot hold a `with` block open)."""
+    if torch.compiler.is_compiling():
+        token = _TracedToken(_TRACED.call)
+        _TRACED.call = call
+        return token
     return _CURRENT.set(call)
 
 
-def close_call(token: contextvars.Token) -> None:
-    _CURRENT.reset(token)
+def close_call(token: contextvars.Token | _TracedToken) -> None:
+    if isinstance(token, _TracedToken):
+        _TRACED.call = token.previous
+    else:
+        _CURRENT.reset(token)
 
 
 @contextmanager
 def entered(call: RoutingCall) -> Iterator[RoutingCall]:
     """Make `call` the current call of this thread until the block ends."""
-    token = _CURRENT.set(call)
+    token = open_call(call)
     try:
         yield call
     finally:
-        _CURRENT.reset(token)
+        close_call(token)
 
 
 def reenter_call_on_recompute(checkpoint_function: Callable[..., Any]) -> Callable[..., Any]:
