@@ -263,3 +263,34 @@ def test_an_adapter_saved_without_safetensors_loads_with_the_same_outputs(base_d
     input_ids = torch.randint(3, 90, (2, 6))
     reloaded = PeftModel.from_pretrained(load_base(base_dir), tmp_path).eval()
     torch.testing.assert_close(logits(reloaded, input_ids), logits(model.eval(), input_ids))
+
+
+def model_state(model):
+    """Everything a refused load must leave alone: the module tree, the active adapters, what trains."""
+    return {
+        "modules": [(name, type(module).__name__) for name, module in model.named_modules()],
+        "active": list(model.active_adapters),
+        "adapters": list(model.peft_config),
+        "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
+        "counts": model.base_model.parameter_counts(),
+    }
+
+
+@pytest.mark.parametrize("bad_routing", ROUTINGS)
+@pytest.mark.parametrize("made_by", ["get_peft_model", "from_pretrained"])
+def test_a_refused_load_adapter_leaves_the_model_exactly_as_it_was(base_dir, tmp_path, bad_routing, made_by):
+    save_adapter(base_dir, tmp_path / "good", depth=1, routing="token")
+    other = trained_looking(tree_model(make_tiny_llama(intermediate_size=48), depth=2, routing=bad_routing))
+    other.save_pretrained(tmp_path / "bad")
+    if made_by == "get_peft_model":
+        model = save_adapter(base_dir, tmp_path / "unused", depth=1, routing="token")
+    else:
+        model = PeftModel.from_pretrained(load_base(base_dir), tmp_path / "good")
+    input_ids = torch.randint(3, 90, (2, 6))
+    before, reference = model_state(model), logits(model.eval(), input_ids)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        model.load_adapter(tmp_path / "bad", adapter_name="bad", is_trainable=True)
+    assert model_state(model) == before
+    torch.testing.assert_close(logits(model, input_ids), reference)
+    model.load_adapter(tmp_path / "good", adapter_name="again")  # and the model still takes adapters that fit
+    assert list(model.peft_config) == ["default", "again"]

@@ -28,7 +28,7 @@ from .checkpoint import verify_adapter_weights
 from .config import TreeLoraConfig
 from .controls import RoutingControls
 from .layer import TreeLoraLayer, TreeLoraLinear
-from .loading import NoTargetModulesError, adaptable_modules_hint, fit_problems, roll_back, take_out
+from .loading import ModelSnapshot, NoTargetModulesError, adaptable_modules_hint, fit_problems, roll_back, take_out
 from .sequence_router import TreeLoraSequenceRouter
 
 _ADAPTER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -74,6 +74,7 @@ class TreeLoraModel(RoutingControls, BaseTuner):
             config._weights_source = None
         if config.routing == "sequence" and config.depth > 0 and not hasattr(model, "get_input_embeddings"):
             raise ValueError("TreeLoraConfig.routing='sequence' needs a model with get_input_embeddings().")
+        self._before_injection = ModelSnapshot.take(self, model, adapter_name)  # for a load refused afterwards
         try:
             super().inject_adapter(
                 model,
