@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from peft_tree_lora.integrations.files import is_hub_id, staged_directory, staged_files, tree_adapter_config
+from peft_tree_lora.integrations.files import (
+    is_hub_id,
+    recover_interrupted_save,
+    staged_directory,
+    staged_files,
+    tree_adapter_config,
+)
 from peft_tree_lora.tuner.errors import TreeLoraUsageError
 
 
@@ -71,21 +79,74 @@ def test_a_staged_directory_appears_whole_or_not_at_all(tmp_path):
     assert [p.name for p in target.iterdir()] == ["new.txt"]
 
 
-def test_staged_files_replace_file_by_file_and_keep_the_rest(tmp_path):
-    (tmp_path / "keep.txt").write_text("mine")
-    (tmp_path / "model.bin").write_text("old")
-    with staged_files(tmp_path) as staging:
+def test_staged_files_swap_in_the_new_files_and_keep_the_users_other_files(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    (target / "model.bin").write_text("old")
+    with staged_files(target) as staging:
         (staging / "model.bin").write_text("new")
         (staging / "sub").mkdir()
         (staging / "sub" / "more.txt").write_text("more")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt", "model.bin", "sub"]
-    assert (tmp_path / "model.bin").read_text() == "new" and (tmp_path / "sub" / "more.txt").read_text() == "more"
+    assert sorted(p.name for p in target.iterdir()) == ["keep.txt", "model.bin", "sub"]
+    assert (target / "model.bin").read_text() == "new" and (target / "sub" / "more.txt").read_text() == "more"
+    assert (target / "keep.txt").read_text() == "mine"
     with pytest.raises(RuntimeError):
-        with staged_files(tmp_path) as staging:
+        with staged_files(target) as staging:
             (staging / "model.bin").write_text("half")
             raise RuntimeError("interrupted")
-    assert (tmp_path / "model.bin").read_text() == "new"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt", "model.bin", "sub"]
+    assert (target / "model.bin").read_text() == "new"
+    assert sorted(p.name for p in target.iterdir()) == ["keep.txt", "model.bin", "sub"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"], "a staging folder was left behind"
+
+
+SAVE_KILLED_AT_A_RENAME = """
+import os, sys
+from pathlib import Path
+from peft_tree_lora.integrations.files import staged_files
+
+target, renames_before_kill = Path(sys.argv[1]), int(sys.argv[2])
+real_replace, done = os.replace, []
+
+def replace_then_die(source, destination):
+    if len(done) == renames_before_kill:
+        os._exit(9)  # killed: no clean-up runs
+    done.append(source)
+    real_replace(source, destination)
+
+os.replace = replace_then_die
+with staged_files(target) as staging:
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (staging / name).write_text("new")
+"""
+
+
+@pytest.mark.parametrize(("renames_before_kill", "survivor"), [(0, "old"), (1, "old"), (2, "new")])
+def test_a_save_killed_between_renames_leaves_the_old_or_the_new_folder_whole(tmp_path, renames_before_kill, survivor):
+    target = tmp_path / "adapter"
+    target.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "notes.txt"):
+        (target / name).write_text("old")
+    killed = subprocess.run(
+        [sys.executable, "-c", SAVE_KILLED_AT_A_RENAME, str(target), str(renames_before_kill)], timeout=120
+    )
+    assert killed.returncode == 9
+    recover_interrupted_save(target)
+    contents = {p.name: p.read_text() for p in target.iterdir()}
+    assert contents == {"adapter_config.json": survivor, "adapter_model.safetensors": survivor, "notes.txt": "old"}
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"], "staging folders of the killed save were kept"
+
+
+def test_the_next_save_repairs_a_killed_save_and_clears_its_staging_folders(tmp_path):
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "adapter_config.json").write_text("old")
+    subprocess.run([sys.executable, "-c", SAVE_KILLED_AT_A_RENAME, str(target), "2"], timeout=120)
+    assert not target.exists() and len(list(tmp_path.iterdir())) == 2  # the ready and the old folder
+    with staged_files(target) as staging:
+        (staging / "adapter_config.json").write_text("newest")
+    assert (target / "adapter_config.json").read_text() == "newest"
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
 
 
 def test_a_copy_another_process_moved_in_first_is_kept_only_when_complete(tmp_path, monkeypatch):
