@@ -6,10 +6,12 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
+from peft_tree_lora.app.cli.claim import COMMAND_FILE, LOCK_FILE, claimed_output_dir
 from peft_tree_lora.integrations.files import (
     is_hub_id,
     recover_interrupted_save,
@@ -166,3 +168,82 @@ def test_a_copy_another_process_moved_in_first_is_kept_only_when_complete(tmp_pa
         with staged_directory(target, replace=True) as staging:
             (staging / "STAMP").write_text("ours")
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+# --- claiming a run's output folder -------------------------------------------------------------------------------
+
+
+def test_two_runs_claiming_one_new_folder_at_once_cannot_both_have_it(tmp_path):
+    target = tmp_path / "out"
+    start, loser_done = threading.Barrier(2), threading.Event()
+    outcomes = []
+
+    def run():
+        start.wait()
+        try:
+            with claimed_output_dir(target, overwrite=False):
+                (target / COMMAND_FILE).write_text("{}")
+                loser_done.wait(timeout=30)  # hold the folder until the other run has tried
+                outcomes.append("claimed")
+        except TreeLoraUsageError as error:
+            outcomes.append(str(error))
+            loser_done.set()
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(outcomes, key=len)[0] == "claimed"
+    assert "another tree-lora run is writing to --output-dir" in sorted(outcomes, key=len)[1]
+    with pytest.raises(TreeLoraUsageError, match="holds an earlier tree-lora output; add --overwrite"):
+        with claimed_output_dir(target, overwrite=False):
+            pass  # and once the first run is done, its output is not replaced without --overwrite
+
+
+def test_a_run_that_fails_before_saving_leaves_no_output_folder(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(TreeLoraUsageError, match="bad data"):
+        with claimed_output_dir(target, overwrite=False):
+            (target / COMMAND_FILE).write_text("{}")
+            raise TreeLoraUsageError("bad data")
+    assert list(tmp_path.iterdir()) == []
+
+
+def earlier_output(target: Path) -> None:
+    target.mkdir()
+    (target / COMMAND_FILE).write_text("earlier")
+    (target / "stale-checkpoint.bin").write_text("earlier")
+
+
+def test_overwrite_leaves_only_the_new_runs_files(tmp_path):
+    target = tmp_path / "out"
+    earlier_output(target)
+    with claimed_output_dir(target, overwrite=True):
+        assert list(target.iterdir()) == [target / LOCK_FILE]
+        (target / COMMAND_FILE).write_text("new")
+        (target / "adapter_config.json").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", COMMAND_FILE]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"], "the earlier output was left in a hidden folder"
+
+
+def test_overwrite_puts_the_earlier_output_back_when_the_new_run_fails_before_saving(tmp_path):
+    target = tmp_path / "out"
+    earlier_output(target)
+    with pytest.raises(KeyboardInterrupt):
+        with claimed_output_dir(target, overwrite=True):
+            (target / COMMAND_FILE).write_text("new")
+            raise KeyboardInterrupt
+    assert {p.name: p.read_text() for p in target.iterdir()} == {
+        COMMAND_FILE: "earlier",
+        "stale-checkpoint.bin": "earlier",
+    }
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_overwrite_never_touches_a_folder_that_is_not_a_tree_lora_output(tmp_path):
+    (tmp_path / "thesis.tex").write_text("mine")
+    with pytest.raises(TreeLoraUsageError, match="holds other files; give a new or empty folder"):
+        with claimed_output_dir(tmp_path, overwrite=True):
+            pass
+    assert [p.name for p in tmp_path.iterdir()] == ["thesis.tex"]
