@@ -11,6 +11,7 @@ from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from .checkpoint import WeightsSource
+from .config_checks import check_module_fields
 
 # 2**10 = 1024 leaves per target module. Past that the adapter outgrows any base model it is attached to
 # (SmolLM2-135M with all-linear r=8 would carry ~5 G adapter parameters at depth 10) and a training batch cannot
@@ -157,6 +158,7 @@ class TreeLoraConfig(PeftConfig):
         return 2**self.depth
 
     def _validate(self) -> None:
+        check_module_fields(self)
         _require_int("depth", self.depth, low=0, high=MAX_DEPTH)
         _require_int("r", self.r, low=1)
         _require_number("lora_alpha", self.lora_alpha, positive=True)
