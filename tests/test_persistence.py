@@ -236,17 +236,62 @@ def test_unreadable_weights_are_refused_before_the_model_is_touched(base_dir, tm
     assert_left_as_it_was(base, reference, input_ids)
 
 
-def test_config_that_is_not_json_is_refused_before_the_model_is_touched(base_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"peft_type": "TREELORA", "depth": ', "is not valid JSON"),
+        ("", "is empty"),
+        ('[{"peft_type": "TREELORA"}]', "holds a JSON list, not an object"),
+        ('{"depth": 2}', 'has no "peft_type"'),
+        ('{"peft_type": "LORA", "r": 2}', "says \"peft_type\": 'LORA', so it is no TreeLoRA adapter"),
+    ],
+    ids=["invalid JSON", "empty", "a list", "no peft_type", "another peft_type"],
+)
+def test_a_config_file_that_is_no_treelora_config_is_refused_naming_the_file(base_dir, tmp_path, content, message):
     from peft_tree_lora import TreeLoraConfig
 
     save_adapter(base_dir, tmp_path, depth=1)
-    (tmp_path / "adapter_config.json").write_text('{"peft_type": "TREELORA", "depth": ')
-    with pytest.raises(ValueError, match="adapter_config.json in .* is not valid JSON"):
+    (tmp_path / "adapter_config.json").write_text(content)
+    with pytest.raises(ValueError) as error:
         TreeLoraConfig.from_pretrained(tmp_path)
+    assert str(tmp_path / "adapter_config.json") in str(error.value) and message in str(error.value)
+    if '"LORA"' in content:
+        return  # for PEFT that is a LoRA config, which PeftModel.from_pretrained loads as one
     base = load_base(base_dir)
-    with pytest.raises(ValueError):  # PEFT reads the file first and raises json's own error, which names no file
+    with pytest.raises((ValueError, TypeError, KeyError)):  # PEFT reads the file first, with errors of its own
         PeftModel.from_pretrained(base, tmp_path)
     assert not adapter_layers(base)
+
+
+def rewrite_weights(folder, change):
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in tensors if k.endswith("layers.0.self_attn.q_proj.treelora_B"))
+    tensors[key] = change(tensors[key])
+    save_file(tensors, weights)
+
+
+def test_nan_or_inf_in_saved_weights_loads_with_a_warning_naming_the_tensor(base_dir, tmp_path):
+    save_adapter(base_dir, tmp_path, depth=1)
+    rewrite_weights(tmp_path, lambda t: t.index_fill(0, torch.tensor([0]), float("nan")))
+    with pytest.warns(UserWarning, match=r"NaN or inf value\(s\) in model.layers.0.self_attn.q_proj.treelora_B"):
+        model = PeftModel.from_pretrained(load_base(base_dir), tmp_path)
+    assert list(model.peft_config) == ["default"]
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int32])
+def test_integer_tensors_in_saved_weights_are_refused_naming_tensor_and_type(base_dir, tmp_path, dtype):
+    save_adapter(base_dir, tmp_path, depth=1)
+    rewrite_weights(tmp_path, lambda t: (t * 100).to(dtype))
+    base = load_base(base_dir)
+    for p in base.parameters():
+        p.requires_grad_(True)
+    input_ids = torch.randint(3, 90, (2, 6))
+    reference = logits(base, input_ids)
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(ValueError, match=rf"layers.0.self_attn.q_proj.treelora_B is a {name} tensor; .* floating"):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert_left_as_it_was(base, reference, input_ids)
 
 
 def test_a_reloaded_adapter_saves_the_same_config_again(base_dir, tmp_path):

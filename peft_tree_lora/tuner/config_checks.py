@@ -44,3 +44,35 @@ def _index(value: object) -> bool:
 
 def _collection(value: object) -> bool:
     return isinstance(value, Collection) and not isinstance(value, (str, bytes, dict))
+
+
+def check_config_file(config_file: str) -> None:
+    """Refuse an `adapter_config.json` that cannot be a TreeLoRA config, naming the file: not JSON (or empty), not
+    a JSON object, no `peft_type`, or another one."""
+    import json
+
+    from .registration import METHOD_NAME
+
+    with open(config_file, encoding="utf-8") as file:
+        text = file.read()
+    if not text.strip():
+        raise ValueError(f"{config_file} is empty; an adapter_config.json holds the adapter's settings as JSON.")
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_file} is not valid JSON: {error}") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(
+            f"{config_file} holds a JSON {type(loaded).__name__}, not an object; an adapter_config.json is one JSON "
+            'object of settings, like {"peft_type": "TREELORA", "depth": 3, ...}.'
+        )
+    peft_type = loaded.get("peft_type")
+    if peft_type is None:
+        raise ValueError(
+            f'{config_file} has no "peft_type"; a TreeLoRA adapter_config.json has "peft_type": "TREELORA".'
+        )
+    if peft_type != METHOD_NAME.upper():
+        raise ValueError(
+            f'{config_file} says "peft_type": {peft_type!r}, so it is no TreeLoRA adapter ("peft_type": "TREELORA"); '
+            "load it with peft.PeftConfig.from_pretrained or the config class of that method."
+        )

@@ -70,6 +70,28 @@ def fit_problems(
     return problems
 
 
+def weight_problems(remapped: dict[str, torch.Tensor], adapter_name: str) -> list[str]:
+    """Integer (or bool) tree tensors are refused: loading would cast them to floats without a word, and quantized
+    weights read as plain numbers are no adapter. NaN or inf values load (a checkpoint of a diverged run is still
+    worth inspecting) but each tensor holding them is named in a warning."""
+    problems = []
+    for key, tensor in remapped.items():
+        readable = key.removeprefix("base_model.model.").replace(f".{adapter_name}", "")
+        if ".treelora_" in key and not (tensor.is_floating_point() or tensor.is_complex()):
+            problems.append(
+                f"{readable} is a {str(tensor.dtype).removeprefix('torch.')} tensor; TreeLoRA weights must be "
+                "floating point (float32, float16 or bfloat16)"
+            )
+        elif tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            warnings.warn(
+                f"The TreeLoRA checkpoint for adapter '{adapter_name}' has {bad} NaN or inf value(s) in {readable}; "
+                "the model's outputs will be NaN wherever that tensor is used.",
+                stacklevel=4,
+            )
+    return problems
+
+
 def take_out(model: nn.Module, adapter_name: str) -> None:
     """Remove one adapter from every TreeLoRA layer of `model`; layers left without adapters give way to their
     base layer again."""

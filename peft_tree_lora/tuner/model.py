@@ -29,7 +29,15 @@ from .config import TreeLoraConfig
 from .controls import RoutingControls
 from .errors import TreeLoraUsageError
 from .layer import TreeLoraLayer, TreeLoraLinear
-from .loading import ModelSnapshot, NoTargetModulesError, adaptable_modules_hint, fit_problems, roll_back, take_out
+from .loading import (
+    ModelSnapshot,
+    NoTargetModulesError,
+    adaptable_modules_hint,
+    fit_problems,
+    roll_back,
+    take_out,
+    weight_problems,
+)
 from .sequence_router import TreeLoraSequenceRouter
 
 _ADAPTER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -325,7 +333,7 @@ class TreeLoraModel(RoutingControls, BaseTuner):
         tensors, shapes that differ from the base model's, or a depth that differs from the config's. On refusal
         the adapter is taken out of the model again, so the model is left as it was."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        problems = fit_problems(model, config, adapter_name, remapped)
+        problems = fit_problems(model, config, adapter_name, remapped) + weight_problems(remapped, adapter_name)
         if problems:
             roll_back(model, adapter_name)
             listing = "\n  - ".join(problems[:20])
