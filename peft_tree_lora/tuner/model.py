@@ -342,6 +342,9 @@ class TreeLoraModel(RoutingControls, BaseTuner):
                 f"The TreeLoRA checkpoint for adapter '{adapter_name}' does not fit this model (nothing was "
                 f"loaded):\n  - {listing}{more}"
             )
+        tuner = getattr(model, "base_model", None)
+        if isinstance(tuner, TreeLoraModel):
+            tuner._before_injection = None  # the load went through: nothing left to undo
         return remapped
 
 
