@@ -187,6 +187,9 @@ def run(args: argparse.Namespace) -> int:
         print("\n" + results_table(data))
         print(f"\n{data['verdict']}")
     print(f"\nreport: {output / REPORT_FILE}  ({data['wall_seconds'] / 60:.1f} min)")
+    if any(arm["interrupted"] for arm in data["arms"]):
+        print("facts_job: interrupted (the arms up to there are saved and reported)", file=sys.stderr)
+        return 130
     return 0
 
 
