@@ -30,7 +30,10 @@ def tree_adapter_config(directory: str | os.PathLike, where: str | None = None, 
     """The `adapter_config.json` of the TreeLoRA adapter saved in `directory`, or a `TreeLoraUsageError` saying
     what is there instead. `where` names the folder in messages; `remedy` is added when it holds another adapter."""
     where = where or repr(str(directory))
-    recover_interrupted_save(directory)
+    try:
+        recover_interrupted_save(directory)
+    except OSError:  # a folder we may not write to: read what is there
+        pass
     config_file = Path(directory) / CONFIG_NAME
     if not config_file.is_file():
         raise TreeLoraUsageError(
