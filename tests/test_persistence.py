@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -339,3 +341,52 @@ def test_a_refused_load_adapter_leaves_the_model_exactly_as_it_was(base_dir, tmp
     torch.testing.assert_close(logits(model, input_ids), reference)
     model.load_adapter(tmp_path / "good", adapter_name="again")  # and the model still takes adapters that fit
     assert list(model.peft_config) == ["default", "again"]
+
+
+SAVE_KILLED_MID_SWAP = """
+import os, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from helpers import trained_looking, tree_model
+from transformers import LlamaForCausalLM
+from peft_tree_lora.app.runner import save_atomically
+
+model = trained_looking(tree_model(LlamaForCausalLM.from_pretrained({base!r}), depth=1), seed=7)
+model.save_pretrained({reference!r})  # what the killed save was writing
+real_replace, done = os.replace, []
+
+def replace_then_die(source, destination):
+    if len(done) == {renames}:
+        os._exit(9)
+    done.append(source)
+    real_replace(source, destination)
+
+os.replace = replace_then_die
+save_atomically(model, Path({target!r}))
+"""
+
+
+@pytest.mark.parametrize(("renames_before_kill", "survivor"), [(1, "old"), (2, "new")])
+def test_an_adapter_whose_save_was_killed_loads_as_the_old_or_the_new_one_whole(
+    base_dir, tmp_path, renames_before_kill, survivor
+):
+    from peft_tree_lora.integrations.files import tree_adapter_config
+
+    target, reference = tmp_path / "adapter", tmp_path / "new"
+    save_adapter(base_dir, target, depth=1)
+    shutil.copytree(target, tmp_path / "old")
+    script = SAVE_KILLED_MID_SWAP.format(
+        tests=str(Path(__file__).parent),
+        base=str(base_dir),
+        reference=str(reference),
+        target=str(target),
+        renames=renames_before_kill,
+    )
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    tree_adapter_config(target)  # what `tree-lora inspect` and `generate` read first: it finishes the swap
+    input_ids = torch.randint(3, 90, (2, 6))
+    got = logits(PeftModel.from_pretrained(load_base(base_dir), target).eval(), input_ids)
+    expected = logits(PeftModel.from_pretrained(load_base(base_dir), tmp_path / survivor).eval(), input_ids)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "new", "old"], "staging folders were kept"
