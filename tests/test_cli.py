@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -103,11 +104,46 @@ def test_an_earlier_output_is_replaced_only_with_overwrite(trained, assets, caps
     assert (trained / "adapter_model.safetensors").read_bytes() == before
 
 
+def test_overwrite_leaves_only_the_new_runs_files(trained, assets, tmp_path):
+    earlier = tmp_path / "earlier"
+    shutil.copytree(trained, earlier)
+    (earlier / "checkpoint-from-the-earlier-run.bin").write_text("stale")
+    argv = ["train", "--model", str(assets["model"]), "--data", str(assets["text"]), *FAST, *TREE]
+    assert main([*argv, "--overwrite", "-o", str(earlier)]) == 0
+    assert sorted(p.name for p in earlier.iterdir()) == sorted(p.name for p in trained.iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == ["earlier"], "the earlier output was left in a hidden folder"
+
+
+def test_a_run_stopped_by_ctrl_c_exits_130_with_the_adapter_saved_whole(assets, tmp_path, monkeypatch, capsys):
+    from peft_tree_lora.app import runner
+
+    def ctrl_c_during_the_first_step(self, args, state, control, **kwargs):
+        self.interrupted = True  # what the SIGINT handler does
+        control.should_training_stop = True
+        return control
+
+    monkeypatch.setattr(runner._InterruptStopper, "on_step_end", ctrl_c_during_the_first_step)
+    output = tmp_path / "out"
+    argv = ["train", "--model", str(assets["model"]), "--data", str(assets["text"]), *FAST, *TREE]
+    assert main([*argv, "-o", str(output)]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    run = json.loads((output / "tree_lora_run.json").read_text())
+    assert run["interrupted"] and run["steps_done"] == 1
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["model"]), str(output))
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 def _bad_inputs(assets: dict[str, Path], tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     model, text = str(assets["model"]), str(assets["text"])
     (tmp_path / "empty.txt").write_text("   \n")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
+    (tmp_path / "random.txt").write_bytes(bytes(range(256)) * 8)
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text('{"peft_type": "TREELORA", "depth": 1}')
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "adapter_config.json").write_text('{"peft_type": "TREELORA", "depth": 1}')
+    (tmp_path / "damaged" / "adapter_model.safetensors").write_bytes(b"\xff" * 64)
     out = str(tmp_path / "out")
     base = ["--model", model, "--data", text, *FAST]
     return {
@@ -132,6 +168,22 @@ def _bad_inputs(assets: dict[str, Path], tmp_path: Path) -> dict[str, tuple[list
         "unknown target module": (["train", *base, "--target-modules", "attn_zz", "-o", out], "q_proj"),
         "sequence longer than the model's context": (["train", *base, "--seq-len", "4096", "-o", out], "context"),
         "output folder holds other files": (["train", *base, "-o", str(tmp_path / "taken")], "other files"),
+        "overwrite of a folder that is no tree-lora output": (
+            ["train", *base, "--overwrite", "-o", str(tmp_path / "taken")],
+            "other files",
+        ),
+        "binary data in a .txt file": (
+            ["train", "--model", model, "--data", str(tmp_path / "random.txt"), "-o", out],
+            "is not UTF-8 text",
+        ),
+        "an adapter folder as --model": (
+            ["train", "--model", str(tmp_path / "adapter"), "--data", text, "-o", out],
+            "is an adapter folder",
+        ),
+        "export of an adapter with damaged weights": (
+            ["export", str(tmp_path / "damaged"), out],
+            "is not a readable safetensors file",
+        ),
         "compare at depth 0": (["compare", *base, "--depth", "0", "-o", out], "--depth >= 1"),
         "unknown command": (["fly"], "invalid choice"),
         "inspect a folder without an adapter": (["inspect", str(tmp_path)], "adapter_config.json"),
@@ -153,6 +205,10 @@ def _bad_inputs(assets: dict[str, Path], tmp_path: Path) -> dict[str, tuple[list
         "unknown target module",
         "sequence longer than the model's context",
         "output folder holds other files",
+        "overwrite of a folder that is no tree-lora output",
+        "binary data in a .txt file",
+        "an adapter folder as --model",
+        "export of an adapter with damaged weights",
         "compare at depth 0",
         "unknown command",
         "inspect a folder without an adapter",

@@ -66,6 +66,13 @@ def test_config_round_trips_through_json(tmp_path):
         ("load_balance_loss_weight", float("inf"), "finite number"),
         ("bias", "all", "['none']"),
         ("init_lora_weights", "yes", "True or False"),
+        ("target_modules", 5, "a string (a regex) or a list of module names"),
+        ("target_modules", ["q_proj", 5], "a list of module names"),
+        ("exclude_modules", 3, "a string (a regex) or a list of module names"),
+        ("layers_to_transform", "0", "a layer index (an integer >= 0) or a list of them"),
+        ("layers_to_transform", [0, -1], "a layer index (an integer >= 0) or a list of them"),
+        ("modules_to_save", [5], "a list of module names, e.g. ['lm_head']"),
+        ("modules_to_save", "lm_head", "a list of module names, e.g. ['lm_head']"),
     ],
 )
 def test_invalid_value_names_the_field_and_what_is_allowed(field, value, allowed):

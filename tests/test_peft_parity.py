@@ -8,6 +8,8 @@ from conftest import make_tiny_llama
 from helpers import logits, trained_looking, tree_model
 from transformers import BertConfig, BertForSequenceClassification
 
+from peft_tree_lora import TreeLoraConfig, TreeLoraLinear
+
 
 def pinned_sequence_tree():
     return trained_looking(tree_model(make_tiny_llama(), depth=2, routing="sequence")).eval()
@@ -84,3 +86,43 @@ def test_the_sequence_router_reports_its_feature_sizes_like_a_linear_layer():
     assert (router_layer.in_features, router_layer.out_features) == (hidden, hidden)
     router = router_layer.treelora_router["default"]
     assert (router.in_features, router.out_features) == (hidden, 3)
+
+
+@pytest.mark.parametrize("how", ["merge_adapter", "merge_and_unload"])
+def test_safe_merge_of_a_broken_leaf_says_so_in_lora_words_and_merges_no_layer(how):
+    model = pinned_sequence_tree()
+    model.base_model.pin_leaf(1)
+    last = [m for m in model.modules() if isinstance(m, TreeLoraLinear)][-1]
+    with torch.no_grad():
+        last.treelora_B["default"][1, 0, 0] = float("nan")
+    before = base_weights(model)
+    with pytest.raises(
+        ValueError, match="NaNs detected in the merged weights. The adapter default seems to be broken"
+    ):
+        model.merge_adapter(safe_merge=True) if how == "merge_adapter" else model.merge_and_unload(safe_merge=True)
+    after = base_weights(model)
+    assert all(torch.equal(after[name], before[name]) for name in before), "a layer was merged before the refusal"
+    assert not any(m.merged for m in model.modules() if isinstance(m, TreeLoraLinear))
+
+
+@pytest.mark.parametrize("on", ["PeftModel", "base_model"])
+def test_add_weighted_adapter_says_treelora_does_not_support_it_and_what_to_do(on):
+    model = pinned_sequence_tree()
+    target = model if on == "PeftModel" else model.base_model
+    with pytest.raises(ValueError, match="TreeLoRA does not support add_weighted_adapter.*model.set_adapter"):
+        target.add_weighted_adapter(["default"], [1.0], "combined")
+    assert list(model.peft_config) == ["default"]
+
+
+@pytest.mark.parametrize("call", ["add_adapter positional", "add_adapter keyword", "get_peft_model"])
+def test_an_adapter_name_that_is_not_a_string_is_refused_with_what_a_name_must_be(call):
+    from peft import get_peft_model
+
+    config = TreeLoraConfig(depth=1, target_modules=["q_proj"])
+    with pytest.raises(TypeError, match="TreeLoRA adapter names must be strings .*; got None"):
+        if call == "add_adapter positional":
+            pinned_sequence_tree().add_adapter(None, config)
+        elif call == "add_adapter keyword":
+            pinned_sequence_tree().add_adapter(adapter_name=None, peft_config=config)
+        else:
+            get_peft_model(make_tiny_llama(), config, adapter_name=None)

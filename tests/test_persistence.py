@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -236,17 +238,62 @@ def test_unreadable_weights_are_refused_before_the_model_is_touched(base_dir, tm
     assert_left_as_it_was(base, reference, input_ids)
 
 
-def test_config_that_is_not_json_is_refused_before_the_model_is_touched(base_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"peft_type": "TREELORA", "depth": ', "is not valid JSON"),
+        ("", "is empty"),
+        ('[{"peft_type": "TREELORA"}]', "holds a JSON list, not an object"),
+        ('{"depth": 2}', 'has no "peft_type"'),
+        ('{"peft_type": "LORA", "r": 2}', "says \"peft_type\": 'LORA', so it is no TreeLoRA adapter"),
+    ],
+    ids=["invalid JSON", "empty", "a list", "no peft_type", "another peft_type"],
+)
+def test_a_config_file_that_is_no_treelora_config_is_refused_naming_the_file(base_dir, tmp_path, content, message):
     from peft_tree_lora import TreeLoraConfig
 
     save_adapter(base_dir, tmp_path, depth=1)
-    (tmp_path / "adapter_config.json").write_text('{"peft_type": "TREELORA", "depth": ')
-    with pytest.raises(ValueError, match="adapter_config.json in .* is not valid JSON"):
+    (tmp_path / "adapter_config.json").write_text(content)
+    with pytest.raises(ValueError) as error:
         TreeLoraConfig.from_pretrained(tmp_path)
+    assert str(tmp_path / "adapter_config.json") in str(error.value) and message in str(error.value)
+    if '"LORA"' in content:
+        return  # for PEFT that is a LoRA config, which PeftModel.from_pretrained loads as one
     base = load_base(base_dir)
-    with pytest.raises(ValueError):  # PEFT reads the file first and raises json's own error, which names no file
+    with pytest.raises((ValueError, TypeError, KeyError)):  # PEFT reads the file first, with errors of its own
         PeftModel.from_pretrained(base, tmp_path)
     assert not adapter_layers(base)
+
+
+def rewrite_weights(folder, change):
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in tensors if k.endswith("layers.0.self_attn.q_proj.treelora_B"))
+    tensors[key] = change(tensors[key])
+    save_file(tensors, weights)
+
+
+def test_nan_or_inf_in_saved_weights_loads_with_a_warning_naming_the_tensor(base_dir, tmp_path):
+    save_adapter(base_dir, tmp_path, depth=1)
+    rewrite_weights(tmp_path, lambda t: t.index_fill(0, torch.tensor([0]), float("nan")))
+    with pytest.warns(UserWarning, match=r"NaN or inf value\(s\) in model.layers.0.self_attn.q_proj.treelora_B"):
+        model = PeftModel.from_pretrained(load_base(base_dir), tmp_path)
+    assert list(model.peft_config) == ["default"]
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int32])
+def test_integer_tensors_in_saved_weights_are_refused_naming_tensor_and_type(base_dir, tmp_path, dtype):
+    save_adapter(base_dir, tmp_path, depth=1)
+    rewrite_weights(tmp_path, lambda t: (t * 100).to(dtype))
+    base = load_base(base_dir)
+    for p in base.parameters():
+        p.requires_grad_(True)
+    input_ids = torch.randint(3, 90, (2, 6))
+    reference = logits(base, input_ids)
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(ValueError, match=rf"layers.0.self_attn.q_proj.treelora_B is a {name} tensor; .* floating"):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert_left_as_it_was(base, reference, input_ids)
 
 
 def test_a_reloaded_adapter_saves_the_same_config_again(base_dir, tmp_path):
@@ -263,3 +310,83 @@ def test_an_adapter_saved_without_safetensors_loads_with_the_same_outputs(base_d
     input_ids = torch.randint(3, 90, (2, 6))
     reloaded = PeftModel.from_pretrained(load_base(base_dir), tmp_path).eval()
     torch.testing.assert_close(logits(reloaded, input_ids), logits(model.eval(), input_ids))
+
+
+def model_state(model):
+    """Everything a refused load must leave alone: the module tree, the active adapters, what trains."""
+    return {
+        "modules": [(name, type(module).__name__) for name, module in model.named_modules()],
+        "active": list(model.active_adapters),
+        "adapters": list(model.peft_config),
+        "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
+        "counts": model.base_model.parameter_counts(),
+    }
+
+
+@pytest.mark.parametrize("bad_routing", ROUTINGS)
+@pytest.mark.parametrize("made_by", ["get_peft_model", "from_pretrained"])
+def test_a_refused_load_adapter_leaves_the_model_exactly_as_it_was(base_dir, tmp_path, bad_routing, made_by):
+    save_adapter(base_dir, tmp_path / "good", depth=1, routing="token")
+    other = trained_looking(tree_model(make_tiny_llama(intermediate_size=48), depth=2, routing=bad_routing))
+    other.save_pretrained(tmp_path / "bad")
+    if made_by == "get_peft_model":
+        model = save_adapter(base_dir, tmp_path / "unused", depth=1, routing="token")
+    else:
+        model = PeftModel.from_pretrained(load_base(base_dir), tmp_path / "good")
+    input_ids = torch.randint(3, 90, (2, 6))
+    before, reference = model_state(model), logits(model.eval(), input_ids)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        model.load_adapter(tmp_path / "bad", adapter_name="bad", is_trainable=True)
+    assert model_state(model) == before
+    torch.testing.assert_close(logits(model, input_ids), reference)
+    model.load_adapter(tmp_path / "good", adapter_name="again")  # and the model still takes adapters that fit
+    assert list(model.peft_config) == ["default", "again"]
+
+
+SAVE_KILLED_MID_SWAP = """
+import os, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from helpers import trained_looking, tree_model
+from transformers import LlamaForCausalLM
+from peft_tree_lora.app.runner import save_atomically
+
+model = trained_looking(tree_model(LlamaForCausalLM.from_pretrained({base!r}), depth=1), seed=7)
+model.save_pretrained({reference!r})  # what the killed save was writing
+real_replace, done = os.replace, []
+
+def replace_then_die(source, destination):
+    if len(done) == {renames}:
+        os._exit(9)
+    done.append(source)
+    real_replace(source, destination)
+
+os.replace = replace_then_die
+save_atomically(model, Path({target!r}))
+"""
+
+
+@pytest.mark.parametrize(("renames_before_kill", "survivor"), [(1, "old"), (2, "new")])
+def test_an_adapter_whose_save_was_killed_loads_as_the_old_or_the_new_one_whole(
+    base_dir, tmp_path, renames_before_kill, survivor
+):
+    from peft_tree_lora.integrations.files import tree_adapter_config
+
+    target, reference = tmp_path / "adapter", tmp_path / "new"
+    save_adapter(base_dir, target, depth=1)
+    shutil.copytree(target, tmp_path / "old")
+    script = SAVE_KILLED_MID_SWAP.format(
+        tests=str(Path(__file__).parent),
+        base=str(base_dir),
+        reference=str(reference),
+        target=str(target),
+        renames=renames_before_kill,
+    )
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    tree_adapter_config(target)  # what `tree-lora inspect` and `generate` read first: it finishes the swap
+    input_ids = torch.randint(3, 90, (2, 6))
+    got = logits(PeftModel.from_pretrained(load_base(base_dir), target).eval(), input_ids)
+    expected = logits(PeftModel.from_pretrained(load_base(base_dir), tmp_path / survivor).eval(), input_ids)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "new", "old"], "staging folders were kept"

@@ -115,10 +115,22 @@ def _local_corpus(path: Path) -> TextCorpus:
 
 
 def _read_text(path: Path) -> str:
+    """The file's text; refused when it is not UTF-8 text (a binary file would train on noise, with exit 0)."""
     try:
-        return path.read_text(encoding="utf-8", errors="replace")
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise TreeLoraUsageError(f"cannot read {str(path)!r}: {error.strerror}.") from None
+    except UnicodeDecodeError as error:
+        raise TreeLoraUsageError(
+            f"{str(path)!r} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}); "
+            "training data must be UTF-8 text (.txt) or JSON lines (.jsonl)."
+        ) from None
+    if "\x00" in text:
+        raise TreeLoraUsageError(
+            f"{str(path)!r} holds a NUL character (character {text.index(chr(0))}): it is a binary file, not text; "
+            "training data must be UTF-8 text (.txt) or JSON lines (.jsonl)."
+        )
+    return text
 
 
 def _read_jsonl(path: Path) -> list[str]:

@@ -76,7 +76,7 @@ import torch
 from ..tuner.errors import TreeLoraUsageError
 from . import facts_data
 from .cli.models import number_of_layers, parse_layers, target_modules
-from .cli.runs import COMMAND_FILE, check_output_dir, machine_description
+from .cli.runs import COMMAND_FILE, claimed_output_dir, machine_description
 from .facts_report import REPORT_FILE, atomic_text, layers_text, results_table, verdict, versions, write_outputs
 from .facts_runs import (  # noqa: F401  (JobSettings, compute_matched_rank ... are this job's API)
     ARM_KEYS,
@@ -176,17 +176,20 @@ def run(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     settings = settings_from_args(args)
     output = Path(args.output_dir).expanduser()
-    check_output_dir(output, args.overwrite)
     argv = getattr(args, "argv", None)
     if getattr(args, "command", None) and argv is not None:  # a tree-lora sub-command: argv starts with its name
         command = "tree-lora " + shlex.join(argv)
     else:
         command = shlex.join(["python", "-m", "peft_tree_lora.app.facts_job", *(argv or sys.argv[1:])])
-    data = run_job(settings, output, command, show_progress=not args.quiet)
+    with claimed_output_dir(output, args.overwrite):
+        data = run_job(settings, output, command, show_progress=not args.quiet)
     if data["arms"]:
         print("\n" + results_table(data))
         print(f"\n{data['verdict']}")
     print(f"\nreport: {output / REPORT_FILE}  ({data['wall_seconds'] / 60:.1f} min)")
+    if any(arm["interrupted"] for arm in data["arms"]):
+        print("facts_job: interrupted (the arms up to there are saved and reported)", file=sys.stderr)
+        return 130
     return 0
 
 

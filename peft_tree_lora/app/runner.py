@@ -3,8 +3,9 @@
 other runs' results.
 
 A run is stopped cleanly by Ctrl-C: the first interrupt finishes the current step, evaluates, saves, and returns a
-result marked `interrupted`; a second interrupt aborts at once. Saved adapters are replaced file by file with
-`os.replace`, so the last save in the output folder is always complete.
+result marked `interrupted`; a second interrupt aborts at once. Each save writes a whole new folder next to the
+output folder and swaps it in by renames (`integrations.files.staged_files`), so the output folder always holds one
+complete save, never a mix of two.
 """
 
 from __future__ import annotations
@@ -220,7 +221,7 @@ def save_atomically(
     model: torch.nn.Module, output_dir: Path, run_info: dict[str, Any] | RunResult | None = None
 ) -> None:
     """Save the adapter (or model) into `output_dir` so that an interruption never leaves a half-written file:
-    everything is written to a sibling temporary folder first and then moved in file by file."""
+    everything is written to a sibling folder first, which then replaces the folder whole (other files kept)."""
     with staged_files(output_dir) as staging:
         if isinstance(getattr(model, "base_model", None), TreeLoraModel):
             save_with_card(model, staging)

@@ -118,7 +118,17 @@ def _read_directory(directory: Path) -> TreeWeights:
             f"{str(directory)!r} has no {SAFETENSORS_WEIGHTS_NAME}: export reads safetensors weights only (save with "
             "safe_serialization=True, the default)."
         )
-    return TreeWeights(config, load_file(str(weights_file)), None, repr(str(directory)))
+    try:
+        tensors = load_file(str(weights_file))
+    except Exception as error:  # safetensors raises its own error types for every kind of damage
+        raise TreeLoraUsageError(
+            f"{str(weights_file)!r} is not a readable safetensors file ({one_line(str(error))}); re-save the adapter."
+        ) from None
+    return TreeWeights(config, tensors, None, repr(str(directory)))
+
+
+def one_line(message: str) -> str:
+    return " ".join(part.strip() for part in message.strip().splitlines() if part.strip())
 
 
 def _jsonable(value: Any) -> Any:
@@ -315,6 +325,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except TreeLoraUsageError:
+        raise
+    except (KeyError, ValueError, OSError) as error:  # what a damaged adapter raises; a one-line error, status 2
+        reason = f"{type(error).__name__}: {one_line(str(error))}"
+        raise TreeLoraUsageError(f"cannot export {args.adapter!r}: {reason}") from None
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.leaf is not None:
         path = export_leaf(args.adapter, args.leaf, args.out)
         print(f"wrote leaf {args.leaf} of {args.adapter} as a PEFT LoRA adapter: {path}")

@@ -4,6 +4,7 @@ failure never leaves a half-written one behind."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -29,6 +30,10 @@ def tree_adapter_config(directory: str | os.PathLike, where: str | None = None, 
     """The `adapter_config.json` of the TreeLoRA adapter saved in `directory`, or a `TreeLoraUsageError` saying
     what is there instead. `where` names the folder in messages; `remedy` is added when it holds another adapter."""
     where = where or repr(str(directory))
+    try:
+        recover_interrupted_save(directory)
+    except OSError:  # a folder we may not write to: read what is there
+        pass
     config_file = Path(directory) / CONFIG_NAME
     if not config_file.is_file():
         raise TreeLoraUsageError(
@@ -123,17 +128,93 @@ def staged_directory(
 
 @contextmanager
 def staged_files(target: str | os.PathLike) -> Iterator[Path]:
-    """Write files for the folder `target` into a staging folder inside it, yielded, then move them in one by one
-    (each with `os.replace`), so that every file in `target` is always complete; files not rewritten stay."""
+    """Write the new files of the folder `target` into a staging folder, yielded, then swap the whole folder in by
+    renames, so that `target` always holds either the complete earlier save or the complete new one, never a mix.
+
+    Files of `target` that the block does not rewrite (the user's own, the run's command record) are carried over
+    (hard-linked where the file system allows, copied otherwise). The swap is three renames: the finished staging
+    folder becomes `.<name>.ready-*`, `target` becomes `.<name>.old-*`, the ready folder becomes `target`. A process
+    killed between them is repaired by `recover_interrupted_save`, which every save runs first.
+    """
     target = Path(target)
-    target.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=target))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_save(target)
+    tag = f"{os.getpid()}-{os.urandom(3).hex()}"
+    staging = target.parent / f".{target.name}.saving-{tag}"
+    staging.mkdir()
+    ready, old = target.parent / f".{target.name}.ready-{tag}", target.parent / f".{target.name}.old-{tag}"
     try:
         yield staging
-        for item in sorted(staging.rglob("*")):
-            if item.is_file():
-                destination = target / item.relative_to(staging)
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(item, destination)
+        if target.is_dir():
+            for item in target.iterdir():
+                if not (staging / item.name).exists():
+                    _carry(item, staging / item.name)
+        os.replace(staging, ready)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(ready, target)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not target.exists() and old.exists():  # the last rename failed: the earlier save goes back
+            os.replace(old, target)
+        for leftover in (staging, ready, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def recover_interrupted_save(target: str | os.PathLike) -> None:
+    """Repair what a save killed half way left next to `target`: when `target` is missing, the complete new folder
+    (`.ready-*`) or else the complete earlier one (`.old-*`) becomes `target` again; then the staging folders of
+    saves whose process is gone are removed."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return
+    stale = {kind: _stale(target, kind) for kind in ("saving", "ready", "old")}
+    if not target.exists():
+        for kind in ("ready", "old"):
+            if stale[kind]:
+                newest = max(stale[kind], key=lambda folder: folder.stat().st_mtime)
+                os.replace(newest, target)
+                stale[kind].remove(newest)
+                break
+    for folders in stale.values():
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _stale(target: Path, kind: str) -> list[Path]:
+    """The `.<name>.<kind>-<pid>-*` folders next to `target` whose process is not running (or is this one: its
+    own saves clean up after themselves, so what is left is from a process that had this id before)."""
+    found = []
+    for folder in target.parent.glob(f".{glob.escape(target.name)}.{kind}-*"):
+        pid = folder.name.rsplit(f".{kind}-", 1)[1].split("-", 1)[0]
+        if folder.is_dir() and pid.isdigit() and not _running(int(pid)):
+            found.append(folder)
+    return found
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but belongs to someone else
+        return True
+    return True
+
+
+def _carry(source: Path, destination: Path) -> None:
+    if source.is_dir() and not source.is_symlink():
+        shutil.copytree(source, destination, symlinks=True, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(source, destination)
+
+
+def _link_or_copy(source: str | os.PathLike, destination: str | os.PathLike) -> None:
+    if os.path.islink(source):
+        os.symlink(os.readlink(source), destination)
+        return
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)

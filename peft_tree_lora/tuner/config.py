@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
+from peft.utils.constants import CONFIG_NAME
 
 from .checkpoint import WeightsSource
+from .config_checks import check_config_file, check_module_fields
 
 # 2**10 = 1024 leaves per target module. Past that the adapter outgrows any base model it is attached to
 # (SmolLM2-135M with all-linear r=8 would carry ~5 G adapter parameters at depth 10) and a training batch cannot
@@ -140,11 +143,15 @@ class TreeLoraConfig(PeftConfig):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
         """Load as PEFT does, and remember where from, so that the weights can be checked before injection."""
+        local = os.path.join(str(pretrained_model_name_or_path), subfolder or "", CONFIG_NAME)
+        if os.path.isfile(local):
+            check_config_file(local)
         try:
             config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, TypeError, KeyError) as error:  # a downloaded config that is not TreeLoRA's
             raise ValueError(
-                f"adapter_config.json in {pretrained_model_name_or_path} is not valid JSON: {error}"
+                f"adapter_config.json in {pretrained_model_name_or_path} is not a TreeLoRA config: "
+                f"{type(error).__name__}: {error}"
             ) from None
         if isinstance(config, TreeLoraConfig):
             download_kwargs, _, _ = cls._split_kwargs(kwargs)
@@ -157,6 +164,7 @@ class TreeLoraConfig(PeftConfig):
         return 2**self.depth
 
     def _validate(self) -> None:
+        check_module_fields(self)
         _require_int("depth", self.depth, low=0, high=MAX_DEPTH)
         _require_int("r", self.r, low=1)
         _require_number("lora_alpha", self.lora_alpha, positive=True)

@@ -27,8 +27,17 @@ from .call import (
 from .checkpoint import verify_adapter_weights
 from .config import TreeLoraConfig
 from .controls import RoutingControls
+from .errors import TreeLoraUsageError
 from .layer import TreeLoraLayer, TreeLoraLinear
-from .loading import NoTargetModulesError, adaptable_modules_hint, fit_problems, roll_back, take_out
+from .loading import (
+    ModelSnapshot,
+    NoTargetModulesError,
+    adaptable_modules_hint,
+    fit_problems,
+    roll_back,
+    take_out,
+    weight_problems,
+)
 from .sequence_router import TreeLoraSequenceRouter
 
 _ADAPTER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -74,6 +83,7 @@ class TreeLoraModel(RoutingControls, BaseTuner):
             config._weights_source = None
         if config.routing == "sequence" and config.depth > 0 and not hasattr(model, "get_input_embeddings"):
             raise ValueError("TreeLoraConfig.routing='sequence' needs a model with get_input_embeddings().")
+        self._before_injection = ModelSnapshot.take(self, model, adapter_name)  # for a load refused afterwards
         try:
             super().inject_adapter(
                 model,
@@ -270,6 +280,35 @@ class TreeLoraModel(RoutingControls, BaseTuner):
                     if adapter in module.treelora_A:
                         module.mergeable_leaf(adapter)  # raises before anything is merged
 
+    def add_weighted_adapter(self, adapters: list[str], *args: Any, **kwargs: Any) -> None:
+        """Not supported: raises a `TreeLoraUsageError` that says so and what to do instead."""
+        raise TreeLoraUsageError(
+            "TreeLoRA does not support add_weighted_adapter: each tree sends an input to one of its leaves by its "
+            "own routers, so there is no weighted sum of two trees to build. Use one adapter at a time with "
+            "model.set_adapter(name), or pin a leaf of a sequence-routed adapter (model.base_model.pin_leaf(k)) and "
+            "merge it into the base model with merge_and_unload() before adding the next adapter."
+        )
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        if safe_merge:
+            self._check_merge_allowed()
+            self._check_safe_merge(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _check_safe_merge(self, adapter_names: list[str] | None) -> None:
+        """`safe_merge` checks every layer before any is merged, so a broken leaf leaves no layer merged."""
+        for name, module in self.model.named_modules():
+            if not isinstance(module, TreeLoraLinear):
+                continue
+            for adapter in adapter_names or module.active_adapters:
+                if adapter in module.treelora_A and adapter not in module.merged_adapters:
+                    base = module.get_base_layer().weight
+                    if not torch.isfinite(base + module.get_delta_weight(adapter).to(base.dtype)).all():
+                        raise ValueError(
+                            f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken "
+                            f"(in {name}; nothing was merged)"
+                        )
+
     def _unload_and_optionally_merge(
         self,
         merge: bool = True,
@@ -277,6 +316,9 @@ class TreeLoraModel(RoutingControls, BaseTuner):
         safe_merge: bool = False,
         adapter_names: list[str] | None = None,
     ):
+        if merge and safe_merge:
+            self._check_merge_allowed()
+            self._check_safe_merge(adapter_names)
         model = super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
@@ -291,7 +333,7 @@ class TreeLoraModel(RoutingControls, BaseTuner):
         tensors, shapes that differ from the base model's, or a depth that differs from the config's. On refusal
         the adapter is taken out of the model again, so the model is left as it was."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        problems = fit_problems(model, config, adapter_name, remapped)
+        problems = fit_problems(model, config, adapter_name, remapped) + weight_problems(remapped, adapter_name)
         if problems:
             roll_back(model, adapter_name)
             listing = "\n  - ".join(problems[:20])
@@ -300,6 +342,9 @@ class TreeLoraModel(RoutingControls, BaseTuner):
                 f"The TreeLoRA checkpoint for adapter '{adapter_name}' does not fit this model (nothing was "
                 f"loaded):\n  - {listing}{more}"
             )
+        tuner = getattr(model, "base_model", None)
+        if isinstance(tuner, TreeLoraModel):
+            tuner._before_injection = None  # the load went through: nothing left to undo
         return remapped
 
 

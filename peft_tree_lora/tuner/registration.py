@@ -12,7 +12,26 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import PeftType, register_peft_method
 
 METHOD_NAME = "treelora"
-PREFIX = "treelora_"
+
+
+class _Prefix(str):
+    """The prefix of TreeLoRA's weight names, as PEFT keeps it. `PeftModel.add_adapter` and `get_peft_model` first
+    test `adapter_name in prefix`, which for a name that is no string (`add_adapter(None, config)`) is a bare
+    "'in <string>' requires string as left operand"; this prefix answers with what a name must be instead."""
+
+    def __contains__(self, item: object) -> bool:
+        if not isinstance(item, str):
+            raise TypeError(
+                "TreeLoRA adapter names must be strings that start with a letter or '_' and hold only letters, "
+                f"digits, '_' and '-' (e.g. 'default'); got {item!r}."
+            )
+        return super().__contains__(item)
+
+    def __reduce__(self):
+        return (str, (str(self),))
+
+
+PREFIX = _Prefix("treelora_")
 
 
 def _extend_peft_type() -> None:

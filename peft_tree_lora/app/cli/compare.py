@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from .models import load_base
 from .options import add_run_options
 from .runs import (
     adapter_settings,
-    check_output_dir,
+    claimed_output_dir,
     lora_config,
     machine_description,
     token_blocks,
@@ -22,6 +23,7 @@ from .runs import (
     tree_config,
     write_command,
 )
+from .train import INTERRUPTED
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -31,18 +33,22 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.depth < 1:
+        raise TreeLoraUsageError(
+            "compare needs --depth >= 1 (depth 0 is a plain LoRA; there would be nothing to compare)."
+        )
+    output = Path(args.output_dir).expanduser()
+    with claimed_output_dir(output, args.overwrite):
+        return _compare(args, output)
+
+
+def _compare(args: argparse.Namespace, output: Path) -> int:
     from ...tuner.routing import num_leaves
     from ..data import load_corpus
     from ..report import results_table, write_report
     from ..runner import run_training
 
-    if args.depth < 1:
-        raise TreeLoraUsageError(
-            "compare needs --depth >= 1 (depth 0 is a plain LoRA; there would be nothing to compare)."
-        )
     started = time.perf_counter()
-    output = Path(args.output_dir).expanduser()
-    check_output_dir(output, args.overwrite)
     settings = train_settings(args)
     corpus = load_corpus(args.data)
     model, tokenizer, model_description = load_base(args.model)
@@ -87,4 +93,7 @@ def run(args: argparse.Namespace) -> int:
     (output / "results.json").write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
     print("\n" + results_table(results, reference=runs[0][0]))
     print(f"\nreport: {report}  ({wall / 60:.1f} min)")
+    if results[-1].interrupted:
+        print("tree-lora: interrupted (the runs up to there are saved and reported)", file=sys.stderr)
+        return INTERRUPTED
     return 0

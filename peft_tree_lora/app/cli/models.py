@@ -35,6 +35,7 @@ def _load_base(spec: str, verbose: bool):
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
+            _require_model_folder(path, spec)
             model, tokenizer = _load_local(AutoModelForCausalLM, AutoTokenizer, str(path), spec)
         elif is_hub_id(spec):
             model, tokenizer = _load_hub(AutoModelForCausalLM, AutoTokenizer, spec)
@@ -47,6 +48,29 @@ def _load_base(spec: str, verbose: bool):
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer, description
+
+
+def _require_model_folder(path: Path, spec: str) -> None:
+    """A folder given as --model must hold a base model (config.json). An adapter folder is named as one at once:
+    transformers would otherwise try to fetch its base model from the Hub, retrying for many seconds offline."""
+    if (path / "config.json").is_file():
+        return
+    if (path / "adapter_config.json").is_file():
+        import json
+
+        try:
+            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except (ValueError, AttributeError):
+            base = None
+        hint = f" (this one was trained on {base!r})" if isinstance(base, str) and base else ""
+        raise TreeLoraUsageError(
+            f"--model {spec!r} is an adapter folder (adapter_config.json, no config.json); --model wants the base "
+            f"model the adapter was trained on{hint}: 'embedded', a model folder or a Hub model id."
+        )
+    raise TreeLoraUsageError(
+        f"--model {spec!r} is a folder without config.json, so it holds no model; give 'embedded', a folder with "
+        "config.json and weights, or a Hub model id."
+    )
 
 
 def _load_local(model_cls, tokenizer_cls, location: str, spec: str, **kwargs):

@@ -15,29 +15,8 @@ from typing import Any
 from ...integrations.files import tree_adapter_config
 from ...tuner.errors import TreeLoraUsageError
 from . import one_line
+from .claim import COMMAND_FILE, check_output_dir, claimed_output_dir  # noqa: F401  (re-exported for the runs)
 from .models import load_base, max_positions, number_of_layers, parse_layers, target_modules
-
-COMMAND_FILE = "tree_lora_command.json"  # the command that made an output folder (marks the folder as ours)
-
-
-def check_output_dir(path: Path, overwrite: bool) -> None:
-    """Refuse a folder that holds anything but an earlier tree-lora output, and an earlier output without
-    --overwrite: nothing the user had is ever replaced."""
-    if path.exists() and not path.is_dir():
-        raise TreeLoraUsageError(f"--output-dir {str(path)!r} is a file; give a new or empty folder.")
-    if not path.exists() or not any(path.iterdir()):
-        return
-    ours = (path / COMMAND_FILE).is_file()
-    if not ours:
-        raise TreeLoraUsageError(
-            f"--output-dir {str(path)!r} exists and holds other files; give a new or empty folder "
-            "(tree-lora only replaces its own earlier output, with --overwrite)."
-        )
-    if not overwrite:
-        raise TreeLoraUsageError(
-            f"--output-dir {str(path)!r} holds an earlier tree-lora output; add --overwrite to replace it, "
-            "or give a new folder."
-        )
 
 
 def write_command(path: Path, args: argparse.Namespace) -> None:

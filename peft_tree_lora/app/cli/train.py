@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ...tuner.errors import TreeLoraUsageError
 from . import one_line
 from .models import load_base
 from .options import add_run_options, int_range
-from .runs import adapter_settings, check_output_dir, token_blocks, train_settings, tree_config, write_command
+from .runs import adapter_settings, claimed_output_dir, token_blocks, train_settings, tree_config, write_command
+
+INTERRUPTED = 130  # the exit status of a run stopped by Ctrl-C (128 + SIGINT), as shells report it
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -23,13 +26,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Train and save into --output-dir, held by this run from the first check to the last save. Exit status 0,
+    or 130 when Ctrl-C stopped the run (what was trained up to there is saved)."""
+    output = Path(args.output_dir).expanduser()
+    with claimed_output_dir(output, args.overwrite):
+        return _train(args, output)
+
+
+def _train(args: argparse.Namespace, output: Path) -> int:
     from ...tuner.routing import num_leaves
     from ..data import load_corpus
     from ..report import layer_usage
     from ..runner import run_training
 
-    output = Path(args.output_dir).expanduser()
-    check_output_dir(output, args.overwrite)
     settings = train_settings(args, save_every=args.save_every or args.eval_every)
     corpus = load_corpus(args.data)
     model, tokenizer, model_description = load_base(args.model)
@@ -61,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
             f"({num_leaves(args.depth)} leaves; uniform would be {1 / num_leaves(args.depth):.0%})"
         )
     print(f"saved to {output}")
+    if result.interrupted:
+        print("tree-lora: interrupted (the adapter trained so far is saved)", file=sys.stderr)
+        return INTERRUPTED
     if args.push_to_hub:
         _push(result.model, args.push_to_hub)
         print(f"pushed to {args.push_to_hub}")
