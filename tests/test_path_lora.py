@@ -13,7 +13,7 @@ from torch import nn
 from peft_tree_lora import TreeLoraConfig, TreeLoraLinear, TreeLoraSequenceRouter
 from peft_tree_lora.experiments import capacity
 from peft_tree_lora.integrations.export import export_leaf
-from peft_tree_lora.integrations.hub.card import summarize_adapter
+from peft_tree_lora.integrations.hub.card import card_section, summarize_adapter
 
 IN, OUT = 16, 12
 
@@ -172,6 +172,12 @@ def test_parameter_counts_and_the_card_match_a_hand_count(routing, tmp_path):
     model.save_pretrained(tmp_path)
     summary = summarize_adapter(tmp_path)
     assert (summary.total_parameters, summary.active_per_token) == (total, active)
+
+
+def test_the_card_of_a_path_tree_states_the_rank_per_path(tmp_path):
+    path_tree("token").save_pretrained(tmp_path)
+    card = card_section(summarize_adapter(tmp_path), str(tmp_path))
+    assert "rank per path | 6, split over the path's nodes" in card and "rank per leaf" not in card
 
 
 @pytest.mark.parametrize(
