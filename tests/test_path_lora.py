@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 from conftest import make_tiny_llama
@@ -12,7 +14,7 @@ from torch import nn
 
 from peft_tree_lora import TreeLoraConfig, TreeLoraLinear, TreeLoraSequenceRouter
 from peft_tree_lora.experiments import capacity
-from peft_tree_lora.integrations.export import export_leaf
+from peft_tree_lora.integrations.export import export_leaf, run
 from peft_tree_lora.integrations.hub.card import card_section, summarize_adapter
 
 IN, OUT = 16, 12
@@ -109,7 +111,7 @@ def path_tree(routing: str, depth: int = 2, r: int = 6) -> PeftModel:
     return model.eval()
 
 
-@pytest.mark.parametrize("routing", ["token", "sequence"])
+@pytest.mark.parametrize("routing", ["token", "block", "sequence"])
 def test_save_and_load_give_bit_identical_logits(routing, tmp_path, input_ids):
     model = path_tree(routing)
     model.save_pretrained(tmp_path)
@@ -141,6 +143,18 @@ def test_an_exported_leaf_is_the_rank_r_lora_of_its_whole_path_and_equals_the_tr
             pinned = logits(model, prompts)
         assert torch.allclose(logits(plain, prompts), pinned, atol=1e-5)
         assert torch.allclose(logits(plain, prompts)[rows], tree_logits[rows], atol=1e-5)
+
+
+def test_the_command_line_exports_the_same_path_leaves_from_a_saved_directory(tmp_path):
+    model = path_tree("sequence")
+    model.save_pretrained(tmp_path / "tree")
+    run(argparse.Namespace(adapter=str(tmp_path / "tree"), out=str(tmp_path / "all"), leaf=None))
+    for leaf in range(4):
+        from_model = load_file(str(export_leaf(model, leaf, tmp_path / f"m{leaf}") / "adapter_model.safetensors"))
+        from_files = load_file(str(tmp_path / "all" / f"leaf_{leaf}" / "adapter_model.safetensors"))
+        assert from_files.keys() == from_model.keys()
+        assert all(torch.equal(from_files[key], from_model[key]) for key in from_model)
+        assert all(value.shape[0 if key.endswith("lora_A.weight") else 1] == 6 for key, value in from_files.items())
 
 
 def test_merging_a_pinned_path_leaf_gives_the_tree_on_that_leaf(input_ids):

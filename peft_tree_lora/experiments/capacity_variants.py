@@ -40,14 +40,14 @@ TREE_VARIANTS: list[TreeVariant] = [
     ),
     TreeVariant(
         "tree_path",
-        "path LoRA (each node of a path holds rank r/(d+1)), token routing, hard training, routers at 2x",
+        "path LoRA (each of a path's d+1 nodes holds r/(d+1)), token routing, hard training, routers at 2x",
         (("leaf_layout", "path"),),
         ROUTERS_2X,
         rank_times_levels=True,
     ),
     TreeVariant(
         "tree_leaf_wide",
-        "leaves of tree_path's per-token rank r(d+1), token routing, hard training, routers at 2x",
+        "plain leaves (tree_path's per-token rank), token routing, hard training, routers at 2x",
         (),
         ROUTERS_2X,
         rank_times_levels=True,
