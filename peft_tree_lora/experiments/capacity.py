@@ -35,6 +35,13 @@ from .capacity_scoring import (  # noqa: F401  (compute_matched_rank and lora_pa
     progress_line,
     score_run,
 )
+from .capacity_variants import (  # noqa: F401  (ROUTERS_2X and TreeVariant are used by others)
+    DEFAULT_TREE_ARMS,
+    FROZEN_ROUTER_KEY,
+    ROUTERS_2X,
+    TREE_VARIANTS,
+    TreeVariant,
+)
 from .capacity_verdict import summarise, verdict
 from .common import DOCS_DIR, Arm, command_line, versions, write_json
 from .facts import (
@@ -52,40 +59,6 @@ from .facts import (
 
 RESULT_FILE = "capacity.json"
 PLOT_FILE = "capacity.png"
-
-
-@dataclass(frozen=True)
-class TreeVariant:
-    """A tree arm: TreeLoraConfig arguments on top of the default tree (depth d, rank r, lora_alpha 2 r, every linear
-    layer, the config's defaults: token routing, hard training) and runner settings (e.g. a router learning-rate
-    ratio). A new variant is one more line of `TREE_VARIANTS`."""
-
-    key: str
-    label: str
-    config: tuple[tuple[str, Any], ...] = ()
-    training: tuple[tuple[str, Any], ...] = ()
-
-
-ROUTERS_2X = (("router_lr_ratio", 2.0),)
-TREE_VARIANTS: list[TreeVariant] = [
-    TreeVariant("tree", "token routing, hard training (the defaults)"),
-    TreeVariant("tree_router_lr2", "token routing, hard training, routers at 2x the learning rate", (), ROUTERS_2X),
-    TreeVariant("tree_block", "block routing, hard training, routers at 2x", (("routing", "block"),), ROUTERS_2X),
-    TreeVariant(
-        "tree_sequence",
-        "sequence routing (first 8 tokens), hard training, routers at 2x",
-        (("routing", "sequence"), ("sequence_route_tokens", 8)),
-        ROUTERS_2X,
-    ),
-    TreeVariant("tree_switch", "token routing, switch training", (("training_routing", "switch"),)),
-    TreeVariant(
-        "tree_soft",
-        "token routing, soft training (hardening 0.05), served with one leaf",
-        (("training_routing", "soft"), ("hardening_loss_weight", 0.05)),
-    ),
-]
-DEFAULT_TREE_ARMS = ("tree", "tree_router_lr2", "tree_block", "tree_sequence", "tree_soft")
-FROZEN_ROUTER_KEY = "tree_frozen_router"
 
 
 @dataclass
@@ -194,8 +167,9 @@ def variant(key: str) -> TreeVariant:
 def tree_arm(key: str, settings: CapacitySettings) -> Arm:
     """The `Arm` of a tree variant of `TREE_VARIANTS`."""
     chosen = variant(key)
-    label = f"TreeLoRA d={settings.depth} r={settings.rank}, {chosen.label}"
-    return Arm(key, label, "tree", settings.rank, settings.depth, options=chosen.config)
+    rank = settings.rank * (settings.depth + 1) if chosen.rank_times_levels else settings.rank
+    label = f"TreeLoRA d={settings.depth} r={rank}, {chosen.label}"
+    return Arm(key, label, "tree", rank, settings.depth, options=chosen.config)
 
 
 def checked_config(arm: Arm) -> PeftConfig:
@@ -356,6 +330,7 @@ def run_capacity(settings: CapacitySettings, out_dir: Path = DOCS_DIR, show_prog
                 "label": v.label,
                 "options": dict(v.config),
                 "training": dict(v.training),
+                "rank_times_levels": v.rank_times_levels,
                 "default": v.key in DEFAULT_TREE_ARMS,
             }
             for v in TREE_VARIANTS

@@ -1,7 +1,8 @@
 """Export the leaves of a sequence-routed TreeLoRA as plain PEFT LoRA adapters, for multi-LoRA servers.
 
 With `routing="sequence"` one leaf serves a whole sequence in every adapted layer, so leaf `k` *is* a LoRA: its
-`A[k]`, `B[k]` on every layer, with the tree's `lora_alpha / r` scaling. vLLM, S-LoRA, LoRAX and plain PEFT load
+`A[k]`, `B[k]` on every layer (with `leaf_layout="path"`, the factors of the path's node LoRAs concatenated, a LoRA of
+rank `r`), with the tree's `lora_alpha / r` scaling. vLLM, S-LoRA, LoRAX and plain PEFT load
 such a directory as they load any LoRA (`peft_type: LORA`, keys ending in `lora_A.weight` / `lora_B.weight`, no
 bias, no `modules_to_save`). The router goes beside the leaves as a small safetensors file and a JSON that says how
 to compute the route from the prompt's token embeddings, so a serving stack can pick the LoRA per request.
@@ -23,6 +24,7 @@ import torch
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
 
 from ..tuner.errors import TreeLoraUsageError
+from ..tuner.path_leaves import path_factors
 from ..tuner.router import TreeRouter
 from ..tuner.routing import num_leaves
 from ..tuner.sequence_router import pooled_prefix
@@ -177,8 +179,15 @@ def leaf_lora(tree: TreeWeights, leaf: int) -> tuple[Any, dict[str, torch.Tensor
     state = {}
     for module in modules:
         key = PEFT_PREFIX + module
-        state[f"{key}.lora_A.weight"] = tree.state[f"{key}.treelora_A"][leaf].contiguous()
-        state[f"{key}.lora_B.weight"] = tree.state[f"{key}.treelora_B"][leaf].contiguous()
+        lora_A, lora_B = path_factors(  # with leaf_layout="path", the sum of the path's node LoRAs: rank r
+            tree.state[f"{key}.treelora_A"],
+            tree.state[f"{key}.treelora_B"],
+            tree.state.get(f"{key}.treelora_node_A"),
+            tree.state.get(f"{key}.treelora_node_B"),
+            torch.tensor([leaf]),
+        )
+        state[f"{key}.lora_A.weight"] = lora_A[0].contiguous()
+        state[f"{key}.lora_B.weight"] = lora_B[0].contiguous()
     config = LoraConfig(
         r=int(tree.config["r"]),
         lora_alpha=tree.config["lora_alpha"],

@@ -25,6 +25,7 @@ TRAINING_ROUTING_MODES = ("hard", "switch", "soft")
 INFERENCE_ROUTING_MODES = ("hard", "soft")
 ROUTER_INITS = ("random", "zeros")
 LOAD_BALANCE_LOSSES = ("kl", "switch")
+LEAF_LAYOUTS = ("leaf", "path")
 
 
 @dataclass
@@ -74,6 +75,13 @@ class TreeLoraConfig(PeftConfig):
         sequence_route_tokens: With sequence routing, pool only the first this many real tokens of each sequence
             (`None`: all of them), so that a document in training and the prompt that opens it at inference are
             routed from the same words.
+        leaf_layout: `"leaf"` (default): only the leaf carries a LoRA, of rank `r`. `"path"`: every node on a token's
+            path carries a small LoRA, the inner nodes of rank `path_node_rank` and the leaf of the rest of `r`, and
+            a token applies their sum, a LoRA of rank `r` (the same per-token compute as a `"leaf"` tree of rank
+            `r`); the root is shared by every token, deeper nodes by fewer.
+        path_node_rank: With `leaf_layout="path"`, the rank of each inner node's LoRA; the leaf gets
+            `r - depth * path_node_rank`, which must be >= 1. `None` (default): `r // (depth + 1)`, so the leaf gets
+            the remainder too.
         init_lora_weights: `True` starts each leaf's B at zero, so a fresh adapter leaves the model unchanged.
             `False` draws B at random too (for tests).
     """
@@ -130,6 +138,14 @@ class TreeLoraConfig(PeftConfig):
     init_lora_weights: bool = field(
         default=True, metadata={"help": "True: B starts at zero (no change to the model). False: random B."}
     )
+    leaf_layout: Literal["leaf", "path"] = field(
+        default="leaf",
+        metadata={"help": "'leaf': a LoRA of rank r per leaf; 'path': every node of the path carries part of r."},
+    )
+    path_node_rank: int | None = field(
+        default=None,
+        metadata={"help": "With leaf_layout='path': rank of each inner node's LoRA (None: r // (depth + 1))."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -163,6 +179,13 @@ class TreeLoraConfig(PeftConfig):
     def num_leaves(self) -> int:
         return 2**self.depth
 
+    def path_ranks(self) -> tuple[int, int]:
+        """(rank of each inner node, rank of each leaf): `(0, r)` for the `"leaf"` layout and for depth 0."""
+        if self.leaf_layout != "path" or self.depth == 0:
+            return 0, self.r
+        node_rank = self.r // (self.depth + 1) if self.path_node_rank is None else self.path_node_rank
+        return node_rank, self.r - self.depth * node_rank
+
     def _validate(self) -> None:
         check_module_fields(self)
         _require_int("depth", self.depth, low=0, high=MAX_DEPTH)
@@ -190,6 +213,7 @@ class TreeLoraConfig(PeftConfig):
             raise ValueError(
                 f"TreeLoraConfig.init_lora_weights must be True or False; got {self.init_lora_weights!r}."
             )
+        self._validate_path_layout()
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError(
                 "TreeLoraConfig.layers_to_transform cannot be used when target_modules is a regex string; "
@@ -197,6 +221,31 @@ class TreeLoraConfig(PeftConfig):
             )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("TreeLoraConfig.layers_pattern needs layers_to_transform to be set as well.")
+
+    def _validate_path_layout(self) -> None:
+        _require_choice("leaf_layout", self.leaf_layout, LEAF_LAYOUTS)
+        if self.path_node_rank is not None:
+            _require_int("path_node_rank", self.path_node_rank, low=1)
+            if self.leaf_layout != "path":
+                raise ValueError(
+                    "TreeLoraConfig.path_node_rank is the rank of the inner nodes' LoRAs of leaf_layout='path'; "
+                    f"leaf_layout is {self.leaf_layout!r}. Set leaf_layout='path' or leave path_node_rank at None."
+                )
+        if self.leaf_layout != "path" or self.depth == 0:
+            return
+        levels = self.depth + 1
+        if self.path_node_rank is None and self.r < levels:
+            raise ValueError(
+                f"TreeLoraConfig.r must be >= depth + 1 = {levels} with leaf_layout='path': the rank r is split over "
+                f"the {levels} nodes of a path (each inner node r // (depth + 1), the leaf the rest); got r={self.r}."
+            )
+        node_rank, leaf_rank = self.path_ranks()
+        if leaf_rank < 1:
+            raise ValueError(
+                f"TreeLoraConfig.path_node_rank must leave the leaf a rank >= 1 with leaf_layout='path': r - depth * "
+                f"path_node_rank = {self.r} - {self.depth} * {node_rank} = {leaf_rank}; use path_node_rank <= "
+                f"{(self.r - 1) // self.depth} or a larger r."
+            )
 
 
 def _require_int(name: str, value: object, low: int, high: int | None = None) -> None:

@@ -12,7 +12,6 @@ import torch
 
 from .call import RoutingCall, entered
 from .layer import TreeLoraLayer, TreeLoraLinear
-from .routing import num_leaves
 from .variants import TRAINING_ROUTINGS
 
 
@@ -104,8 +103,9 @@ class RoutingControls:
             raise ValueError(f"No adapter named '{adapter}'; the model has {sorted(self.peft_config)}.")
 
     def parameter_counts(self, adapter_name: str | None = None) -> dict[str, int]:
-        """Adapter size of one adapter: `total` (every leaf and router) and `active_per_token` (what one token
-        touches when served: one leaf per module, plus the `depth` routers on its path wherever routers run per
+        """Adapter size of one adapter: `total` (every leaf, inner-node LoRA and router) and `active_per_token` (what
+        one token touches when served: one rank-`r` LoRA per module, which with `leaf_layout="path"` is the sum of
+        its path's node LoRAs, plus the `depth` routers on its path wherever routers run per
         token, which is once per block for block routing; a sequence router runs once per sequence and is not
         counted per token)."""
         adapter = adapter_name or self.active_adapters[0]
@@ -116,9 +116,9 @@ class RoutingControls:
             router = module.treelora_router[adapter] if adapter in module.treelora_router else None
             total += sum(p.numel() for p in router.parameters()) if router is not None else 0
             if isinstance(module, TreeLoraLinear):
-                leaf_params = module.r[adapter] * (module.in_features + module.out_features)
-                total += leaf_params * num_leaves(depth)
-                active += leaf_params
+                factors = (module.treelora_A, module.treelora_B, module.treelora_node_A, module.treelora_node_B)
+                total += sum(stack[adapter].numel() for stack in factors if adapter in stack)
+                active += module.r[adapter] * (module.in_features + module.out_features)
                 if router is not None:
                     active += depth * (router.in_features + 1)
         return {"total": total, "active_per_token": active}

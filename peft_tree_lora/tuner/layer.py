@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
@@ -14,6 +13,7 @@ from transformers.pytorch_utils import Conv1D
 from .call import RoutingCall, current_call
 from .config import TreeLoraConfig
 from .leaves import apply_one_leaf
+from .path_leaves import LEAF_LAYOUTS, lora_factors
 from .router import TreeRouter
 from .routing import RouterLosses, attach_auxiliary_loss, num_leaves
 from .variants import ROUTING_SCOPES, TRAINING_ROUTINGS, Leaves
@@ -65,7 +65,7 @@ class TreeLoraLinear(nn.Module, TreeLoraLayer):
     """A Linear or Conv1D layer with, per adapter, leaves A `(L, r, in)` and B `(L, out, r)` stored as stacked
     tensors (not a ModuleList, whose numbered keys PEFT's adapter-name filter would confuse with adapter names)."""
 
-    adapter_layer_names = ("treelora_A", "treelora_B", "treelora_router")
+    adapter_layer_names = ("treelora_A", "treelora_B", "treelora_node_A", "treelora_node_B", "treelora_router")
     other_param_names = (
         *TreeLoraLayer.other_param_names,
         "r",
@@ -74,6 +74,7 @@ class TreeLoraLinear(nn.Module, TreeLoraLayer):
         "treelora_dropout",
         "block_name",
         "merged_leaf",
+        "leaf_layout",
     )
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: TreeLoraConfig, module_name: str) -> None:
@@ -86,6 +87,9 @@ class TreeLoraLinear(nn.Module, TreeLoraLayer):
         self.merged_leaf: dict[str, int] = {}
         self.treelora_A = nn.ParameterDict({})
         self.treelora_B = nn.ParameterDict({})
+        self.treelora_node_A = nn.ParameterDict({})  # inner nodes' LoRAs of leaf_layout="path" (path_leaves.py)
+        self.treelora_node_B = nn.ParameterDict({})
+        self.leaf_layout: dict[str, str] = {}
         self.treelora_dropout = nn.ModuleDict({})
         base = self.get_base_layer()
         if isinstance(base, nn.Linear):
@@ -100,7 +104,7 @@ class TreeLoraLinear(nn.Module, TreeLoraLayer):
         self.update_layer(adapter_name, config)
 
     def update_layer(self, adapter_name: str, config: TreeLoraConfig) -> None:
-        leaves, rank = num_leaves(config.depth), config.r
+        leaves, rank = num_leaves(config.depth), config.r  # rank: what a token applies, the whole path's with "path"
         self._update_routing(adapter_name, config)
         self.r[adapter_name] = rank
         self.lora_alpha[adapter_name] = config.lora_alpha
@@ -108,14 +112,11 @@ class TreeLoraLinear(nn.Module, TreeLoraLayer):
         self.treelora_dropout[adapter_name] = (
             nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         )
-        bound = 1.0 / math.sqrt(self.in_features)  # LoRA's kaiming-uniform(a=sqrt(5)) bound, per leaf
-        lora_A = torch.empty(leaves, rank, self.in_features).uniform_(-bound, bound)
-        if config.init_lora_weights:
-            lora_B = torch.zeros(leaves, self.out_features, rank)
-        else:
-            lora_B = torch.empty(leaves, self.out_features, rank).uniform_(-1 / math.sqrt(rank), 1 / math.sqrt(rank))
-        self.treelora_A[adapter_name] = nn.Parameter(lora_A)
-        self.treelora_B[adapter_name] = nn.Parameter(lora_B)
+        self.treelora_A[adapter_name], self.treelora_B[adapter_name] = lora_factors(
+            leaves, config.path_ranks()[1], self.in_features, self.out_features, config.init_lora_weights
+        )
+        self.leaf_layout[adapter_name] = config.leaf_layout
+        LEAF_LAYOUTS[config.leaf_layout].create(self, adapter_name, config)
         if config.routing in ("token", "block") and config.depth > 0:
             self.treelora_router[adapter_name] = self.new_router(self.in_features, config)
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -143,7 +144,7 @@ class TreeLoraLinear(nn.Module, TreeLoraLayer):
         self, x: torch.Tensor, adapter: str, call: RoutingCall | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This adapter's change to the output for input `x`, and the routers' weighted auxiliary loss (training)."""
-        lora_A, lora_B = self.treelora_A[adapter], self.treelora_B[adapter]
+        lora_A, lora_B = self.leaf_factors(adapter)
         leaf_input = self.treelora_dropout[adapter](self._cast_input_dtype(x, lora_A.dtype))
         fixed_leaf = 0 if self.depth[adapter] == 0 else self.pinned_leaf.get(adapter)
         if fixed_leaf is not None:
@@ -155,6 +156,11 @@ class TreeLoraLinear(nn.Module, TreeLoraLayer):
         leaves = Leaves(lora_A, lora_B, self.scaling[adapter])
         delta = mode.delta(leaves, scope.input_rows(leaf_input, route), route, self.training, soft_eval)
         return delta.reshape(*x.shape[:-1], self.out_features), aux
+
+    def leaf_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every leaf's LoRA as a token applies it, A `(L, r, in)` and B `(L, out, r)`: the stored leaves, or with
+        `leaf_layout="path"` the sum of each path's node LoRAs (see `path_leaves`)."""
+        return LEAF_LAYOUTS[self.leaf_layout.get(adapter, "leaf")].factors(self, adapter)
 
     # --- merging ----------------------------------------------------------------------------------------------
 
@@ -173,7 +179,8 @@ class TreeLoraLinear(nn.Module, TreeLoraLayer):
 
     def get_delta_weight(self, adapter: str, leaf: int | None = None) -> torch.Tensor:
         leaf = self.mergeable_leaf(adapter) if leaf is None else leaf
-        delta = self.treelora_B[adapter][leaf] @ self.treelora_A[adapter][leaf] * self.scaling[adapter]
+        lora_A, lora_B = self.leaf_factors(adapter)
+        delta = lora_B[leaf] @ lora_A[leaf] * self.scaling[adapter]
         return delta.T if self.is_conv1d else delta
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:

@@ -51,6 +51,7 @@ class AdapterSummary:
     other_parameters: int  # modules trained in full (modules_to_save)
     base_model: str | None
     task_type: str | None
+    leaf_layout: str = "leaf"  # "path": every node of a path carries part of the rank r
 
 
 def summarize_adapter(directory: str | os.PathLike) -> AdapterSummary:
@@ -78,6 +79,8 @@ def summarize_adapter(directory: str | os.PathLike) -> AdapterSummary:
             _, rank, in_features = shape
             out_features = shapes[module + ".treelora_B"][1]
             active += rank * (in_features + out_features)
+            if f"{module}.treelora_node_A" in shapes:  # leaf_layout="path": a token also applies its depth nodes
+                active += depth * shapes[f"{module}.treelora_node_A"][1] * (in_features + out_features)
             if f"{module}.treelora_router.weight" in shapes:
                 active += depth * (in_features + 1)
             layers.append(module.removeprefix(PEFT_PREFIX))
@@ -99,6 +102,7 @@ def summarize_adapter(directory: str | os.PathLike) -> AdapterSummary:
         other_parameters=other,
         base_model=config.get("base_model_name_or_path") or None,
         task_type=config.get("task_type"),
+        leaf_layout=config.get("leaf_layout", "leaf"),
     )
 
 
@@ -125,7 +129,11 @@ def card_section(summary: AdapterSummary, load_from: str, key: str = "", load_kw
     rows = [
         ("base model", base),
         ("tree", shape),
-        ("rank per leaf", f"{summary.r} (lora_alpha {summary.lora_alpha:g})"),
+        (
+            ("rank per path", f"{summary.r}, split over the path's nodes (lora_alpha {summary.lora_alpha:g})")
+            if summary.leaf_layout == "path" and summary.depth
+            else ("rank per leaf", f"{summary.r} (lora_alpha {summary.lora_alpha:g})")
+        ),
         ("routing", ROUTING_TEXT.get(summary.routing, summary.routing)),
         ("inference routing", summary.inference_routing),
         (

@@ -1,0 +1,57 @@
+"""The tree arms the capacity study can run (`--tree-arms`): each a set of TreeLoraConfig arguments and runner
+settings on top of the default tree."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TreeVariant:
+    """A tree arm: TreeLoraConfig arguments on top of the default tree (depth d, rank r, lora_alpha 2 r, every linear
+    layer, the config's defaults: token routing, hard training) and runner settings (e.g. a router learning-rate
+    ratio). A new variant is one more line of `TREE_VARIANTS`. With `rank_times_levels` the variant's rank is the
+    study's r times depth + 1, the nodes of a path: a path-layout tree then gives each node of a path rank r."""
+
+    key: str
+    label: str
+    config: tuple[tuple[str, Any], ...] = ()
+    training: tuple[tuple[str, Any], ...] = ()
+    rank_times_levels: bool = False
+
+
+ROUTERS_2X = (("router_lr_ratio", 2.0),)
+TREE_VARIANTS: list[TreeVariant] = [
+    TreeVariant("tree", "token routing, hard training (the defaults)"),
+    TreeVariant("tree_router_lr2", "token routing, hard training, routers at 2x the learning rate", (), ROUTERS_2X),
+    TreeVariant("tree_block", "block routing, hard training, routers at 2x", (("routing", "block"),), ROUTERS_2X),
+    TreeVariant(
+        "tree_sequence",
+        "sequence routing (first 8 tokens), hard training, routers at 2x",
+        (("routing", "sequence"), ("sequence_route_tokens", 8)),
+        ROUTERS_2X,
+    ),
+    TreeVariant("tree_switch", "token routing, switch training", (("training_routing", "switch"),)),
+    TreeVariant(
+        "tree_soft",
+        "token routing, soft training (hardening 0.05), served with one leaf",
+        (("training_routing", "soft"), ("hardening_loss_weight", 0.05)),
+    ),
+    TreeVariant(
+        "tree_path",
+        "path LoRA (each of a path's d+1 nodes holds r/(d+1)), token routing, hard training, routers at 2x",
+        (("leaf_layout", "path"),),
+        ROUTERS_2X,
+        rank_times_levels=True,
+    ),
+    TreeVariant(
+        "tree_leaf_wide",
+        "plain leaves (tree_path's per-token rank), token routing, hard training, routers at 2x",
+        (),
+        ROUTERS_2X,
+        rank_times_levels=True,
+    ),
+]
+DEFAULT_TREE_ARMS = ("tree", "tree_router_lr2", "tree_block", "tree_sequence", "tree_soft")
+FROZEN_ROUTER_KEY = "tree_frozen_router"
