@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SECTIONS = ("forward", "train", "generate", "memory")
+SECTIONS = ("forward", "train", "generate", "memory", "compile")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -35,8 +35,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     )
     parser.add_argument(
         "--sections",
-        default="forward,train,generate,memory",
-        help="Comma-separated subset of forward,train,generate,memory (default: all).",
+        default="forward,train,generate,memory",  # compile: on request (minutes of compiling)
+        help="Comma-separated subset of forward,train,generate,memory,compile (default: all but compile).",
+    )
+    parser.add_argument(
+        "--layers", type=int, default=None, help="Hidden layers of the model (default: SmolLM2-135M's 30)."
     )
     parser.add_argument("--no-xlora", action="store_true", help="Skip PEFT X-LoRA.")
     parser.add_argument("--tiny", action="store_true", help="A tiny model instead of SmolLM2's shapes (smoke test).")
@@ -75,7 +78,11 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         sections.discard("memory")
     torch.set_num_threads(threads)
-    shapes = TINY_SHAPES if args.tiny else SMOLLM2_SHAPES
+    shapes = dict(TINY_SHAPES if args.tiny else SMOLLM2_SHAPES)
+    if args.layers is not None:
+        if args.layers < 1:
+            raise TreeLoraUsageError(f"--layers must be at least 1; got {args.layers}.")
+        shapes["num_hidden_layers"] = args.layers
     new_tokens = args.new_tokens or (4 if args.tiny else 16 if args.quick else 64)
     targets = args.targets
     out_dir = Path(args.out_dir)
@@ -144,6 +151,21 @@ def run(args: argparse.Namespace) -> int:
         del models, tasks
         gc.collect()
 
+    if "compile" in sections:
+        from .compiled import compile_section
+
+        log("torch.compile: building variants")
+        models = {
+            REFERENCE: lora_variant(base, 8, targets),
+            "TreeLoRA d=4 token": tree_variant(base, 4, "token", targets),
+            "TreeLoRA d=4 sequence": tree_variant(base, 4, "sequence", targets),
+        }
+        compiled_results, compiled_notes = compile_section(models, input_ids, rounds, rng, log)
+        results += compiled_results
+        notes += compiled_notes
+        del models
+        gc.collect()
+
     if "memory" in sections:
         if memory_supported():
             results += memory_section(shapes, targets, args.batch, args.seq_len, threads, log)
@@ -168,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
         plot_name = "bench_depth.png"
         plot(results, depths, out_dir / plot_name)
     setup = (
-        f"Batch {args.batch} x {args.seq_len} tokens, {'tiny' if args.tiny else 'SmolLM2-135M'} shapes, random "
+        f"Batch {args.batch} x {args.seq_len} tokens, {'tiny' if args.tiny else 'SmolLM2-135M'} shapes "
+        f"({shapes['num_hidden_layers']} layers), random "
         f"weights, fp32, target modules `{targets}`, {rounds} interleaved rounds per section after one warm-up; "
         f"generate: batch 4, 32-token prompt, {new_tokens} new tokens, greedy, KV cache."
     )

@@ -167,7 +167,7 @@ def variant(key: str) -> TreeVariant:
 def tree_arm(key: str, settings: CapacitySettings) -> Arm:
     """The `Arm` of a tree variant of `TREE_VARIANTS`."""
     chosen = variant(key)
-    rank = settings.rank * (settings.depth + 1) if chosen.rank_times_levels else settings.rank
+    rank = settings.rank * chosen.rank_factor * (settings.depth + 1 if chosen.rank_times_levels else 1)
     label = f"TreeLoRA d={settings.depth} r={rank}, {chosen.label}"
     return Arm(key, label, "tree", rank, settings.depth, options=chosen.config)
 
@@ -331,6 +331,7 @@ def run_capacity(settings: CapacitySettings, out_dir: Path = DOCS_DIR, show_prog
                 "options": dict(v.config),
                 "training": dict(v.training),
                 "rank_times_levels": v.rank_times_levels,
+                "rank_factor": v.rank_factor,
                 "default": v.key in DEFAULT_TREE_ARMS,
             }
             for v in TREE_VARIANTS

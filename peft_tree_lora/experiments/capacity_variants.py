@@ -12,13 +12,15 @@ class TreeVariant:
     """A tree arm: TreeLoraConfig arguments on top of the default tree (depth d, rank r, lora_alpha 2 r, every linear
     layer, the config's defaults: token routing, hard training) and runner settings (e.g. a router learning-rate
     ratio). A new variant is one more line of `TREE_VARIANTS`. With `rank_times_levels` the variant's rank is the
-    study's r times depth + 1, the nodes of a path: a path-layout tree then gives each node of a path rank r."""
+    study's r times depth + 1, the nodes of a path: a path-layout tree then gives each node of a path rank r. With
+    `rank_factor` it is the study's r times that factor (wider leaves at the same depth)."""
 
     key: str
     label: str
     config: tuple[tuple[str, Any], ...] = ()
     training: tuple[tuple[str, Any], ...] = ()
     rank_times_levels: bool = False
+    rank_factor: int = 1
 
 
 ROUTERS_2X = (("router_lr_ratio", 2.0),)
@@ -26,6 +28,20 @@ TREE_VARIANTS: list[TreeVariant] = [
     TreeVariant("tree", "token routing, hard training (the defaults)"),
     TreeVariant("tree_router_lr2", "token routing, hard training, routers at 2x the learning rate", (), ROUTERS_2X),
     TreeVariant("tree_block", "block routing, hard training, routers at 2x", (("routing", "block"),), ROUTERS_2X),
+    TreeVariant(
+        "tree_block_r2",
+        "block routing, leaves of twice the rank, hard training, routers at 2x",
+        (("routing", "block"),),
+        ROUTERS_2X,
+        rank_factor=2,
+    ),
+    TreeVariant(
+        "tree_block_r3",
+        "block routing, leaves of three times the rank, hard training, routers at 2x",
+        (("routing", "block"),),
+        ROUTERS_2X,
+        rank_factor=3,
+    ),
     TreeVariant(
         "tree_sequence",
         "sequence routing (first 8 tokens), hard training, routers at 2x",
