@@ -23,6 +23,7 @@ This is a top-level module, not part of `peft_tree_lora`, so that start-up does 
 from __future__ import annotations
 
 import sys
+from _thread import get_ident  # builtin, unlike threading: nothing to load at start-up
 
 DISABLE_VARIABLE = "PEFT_TREE_LORA_NO_AUTOLOAD"
 WATCHED = "peft"  # the module whose import triggers the registration
@@ -82,12 +83,13 @@ class PeftImportFinder:
 
     def __init__(self) -> None:
         self.raise_errors = False
-        self._searching = False
+        self._searching: set[int] = set()  # threads inside find_spec: skip ourselves there, not in other threads
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != WATCHED or self._searching:
+        thread = get_ident()
+        if fullname != WATCHED or thread in self._searching:
             return None
-        self._searching = True
+        self._searching.add(thread)
         try:
             spec = None
             for finder in list(sys.meta_path):
@@ -98,7 +100,7 @@ class PeftImportFinder:
                 if spec is not None:
                     break
         finally:
-            self._searching = False
+            self._searching.discard(thread)
         if spec is not None and callable(getattr(spec.loader, "exec_module", None)):
             spec.loader = _ThenImportPlugin(spec.loader, self)
         return spec

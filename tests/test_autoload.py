@@ -163,6 +163,14 @@ def test_import_peft_tree_lora_registers_once_peft_is_imported_even_with_the_swi
     assert result.stdout.strip() == "TreeLoraConfig"
 
 
+def test_every_public_name_of_the_package_resolves_on_first_use():
+    import peft_tree_lora
+
+    assert set(peft_tree_lora.__all__) - {"__version__"} == set(peft_tree_lora._LAZY)
+    assert all(getattr(peft_tree_lora, name) is not None for name in peft_tree_lora.__all__)
+    assert peft_tree_lora.TreeLoraConfig.__module__ == "peft_tree_lora.tuner.config"
+
+
 @pytest.mark.parametrize(
     "value, disabled", [("", False), ("0", False), ("1", True), ("yes", True), ("false", False), ("true", True)]
 )
