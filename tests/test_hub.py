@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM
 from peft_tree_lora import TreeLoraConfig
 from peft_tree_lora.integrations.export import export_leaf
 from peft_tree_lora.integrations.hub import from_pretrained, save_pretrained, summarize_adapter
+from peft_tree_lora.integrations.hub.card import install_lines
 from peft_tree_lora.tuner.errors import TreeLoraUsageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +61,14 @@ push_to_hub(tree("adapter_sub"), "tester/tree", subfolder="trees/small")
 tree("adapter_main").push_to_hub("tester/tree-plain")
 lora = get_peft_model(AutoModelForCausalLM.from_pretrained(paths["base"]), LoraConfig(r=4, target_modules=["q_proj"]))
 lora.push_to_hub("tester/lora")
+# the Trainer's path: its card takes the tags the tree put on the base model (model_tags)
+from transformers import Trainer, TrainingArguments
+trained = tree("adapter_main")
+trained.base_model.model.config._name_or_path = "tester/tiny-llama"  # the Hub refuses a local base_model path
+arguments = TrainingArguments(
+    paths["trainer_output"], hub_model_id="tester/tree-trainer", use_cpu=True, report_to="none"
+)
+Trainer(model=trained, args=arguments).push_to_hub()
 api.create_repo("tester/no-adapter")
 # an exported leaf travels the Hub as the plain LoRA it is
 api.create_repo("tester/tree-leaf")
@@ -168,6 +177,7 @@ def published(hub, tmp_path_factory):
     (work / "own_card.md").write_text("---\ntags:\n- my-own-tag\nlicense: mit\n---\n\n# My tree\n\nNotes I wrote.\n")
     paths = {name: str(work / name) for name in [*adapters, "base", "leaf"]}
     paths.update(own_card=str(work / "own_card.md"), outputs=str(work / "outputs.safetensors"))
+    paths["trainer_output"] = str(work / "trainer_output")
     paths["prompts"] = PROMPTS.tolist()
     pushed = hub_process(PUSH_SCRIPT, hub, work / "push_home", paths)
     loaded = hub_process(LOAD_SCRIPT, hub, work / "load_home", paths)
@@ -228,7 +238,8 @@ def test_pushed_card_has_tree_tags_shape_counts_and_load_lines(hub, published):
     assert pushed.data.library_name == "peft"
     counts = summarize_adapter(published["work"] / "adapter_main")
     text = pushed.text
-    assert "pip install peft-tree-lora" in text and "import peft_tree_lora" in text
+    assert "peft-tree-lora is not on PyPI" in text and "pip install /path/to/peft-tree-lora" in text
+    assert "pip install peft-tree-lora\n" not in text and "import peft_tree_lora" in text
     assert 'AutoPeftModelForCausalLM.from_pretrained("tester/tree")' in text
     assert "depth 2: 4 LoRA leaves and 3 routers" in text
     assert "| rank per leaf | 4 (lora_alpha 8) |" in text
@@ -236,6 +247,34 @@ def test_pushed_card_has_tree_tags_shape_counts_and_load_lines(hub, published):
     assert "`down_proj`, `gate_proj`, `k_proj`, `o_proj`, `q_proj`, `up_proj`, `v_proj` (14 layers" in text
     assert f"| trainable parameters | {counts.total_parameters:,} " in text
     assert f"| active per token | {counts.active_per_token:,} " in text
+
+
+def test_card_install_line_points_at_the_source_repository_when_one_is_known():
+    line = install_lines("https://example.org/you/peft-tree-lora")
+    assert 'pip install "peft-tree-lora @ git+https://example.org/you/peft-tree-lora"' in line
+    assert "not on PyPI" in line and "not on PyPI" in install_lines(None)
+
+
+def test_trainer_push_to_hub_card_carries_the_tree_tags(hub, published):
+    pushed = card(hub, "tester/tree-trainer")
+    assert {"tree-lora", "peft-tree-lora"} <= set(pushed.data.tags)
+    assert json.loads(hub.files("tester/tree-trainer")["adapter_config.json"])["peft_type"] == "TREELORA"
+
+
+def test_plain_peft_save_pretrained_card_carries_the_tree_tags(tmp_path):
+    model = tree_model(make_tiny_llama(), depth=1, r=2)
+    model.save_pretrained(tmp_path)  # PEFT's own card, no TreeLoRA section
+    saved = ModelCard.load(tmp_path / "README.md")
+    assert saved.data.library_name == "peft"
+    assert {"tree-lora", "peft-tree-lora"} <= set(saved.data.tags)
+
+
+def test_unload_takes_the_tree_tags_off_the_base_model():
+    base = make_tiny_llama()
+    base.add_model_tags(["my-tag"])
+    model = tree_model(base, depth=1, r=2)
+    assert model.model_tags == ["my-tag", "tree-lora", "peft-tree-lora"]
+    assert model.unload().model_tags == ["my-tag"]
 
 
 def test_existing_card_is_updated_not_overwritten(hub, published):

@@ -98,6 +98,7 @@ from .facts_runs import (  # noqa: F401  (JobSettings, compute_matched_rank ... 
     sweep_learning_rate,
 )
 from .people import ATTRIBUTES, VALUE_COUNTS, generate_people
+from .report import require_matplotlib
 from .runner import RunResult, run_training
 
 # --- the command line -----------------------------------------------------------------------------------------
@@ -175,6 +176,7 @@ def settings_from_args(args: argparse.Namespace) -> JobSettings:
 def run(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     settings = settings_from_args(args)
+    require_matplotlib("tree-lora facts")
     output = Path(args.output_dir).expanduser()
     argv = getattr(args, "argv", None)
     if getattr(args, "command", None) and argv is not None:  # a tree-lora sub-command: argv starts with its name

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import TreeLoraUsageError
 from .runner import RunResult
 
 LOSS_PLOT = "heldout_loss.png"
@@ -161,6 +162,18 @@ def write_report(
 
 def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def require_matplotlib(command: str) -> None:
+    """Refuse, before any training, a command whose report needs plots when matplotlib is missing (it is in the
+    package's `embedded` extra, not in its requirements)."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise TreeLoraUsageError(
+            f"{command} draws its plots with matplotlib, which is not installed: pip install matplotlib (or install "
+            "peft-tree-lora with its 'embedded' extra, e.g. pip install \"/path/to/peft-tree-lora[embedded]\")."
+        )
 
 
 def _pyplot():

@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the study named by `args.study`; returns the exit status."""
     import torch
 
+    from ..app.report import require_matplotlib
     from .capacity import CapacitySettings, run_capacity
     from .facts import FactsSettings, run_facts
     from .results_page import write_results_page
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.study not in STUDIES:
         raise TreeLoraUsageError(f"unknown study {args.study!r}; choose one of {', '.join(STUDIES)}.")
+    require_matplotlib(f"tree-lora experiment {args.study}")
     if args.threads is not None:
         if args.threads < 1:
             raise TreeLoraUsageError(f"--threads must be >= 1; got {args.threads}.")

@@ -1,7 +1,6 @@
-"""The one exception type for problems with what a user asked for (a bad option, a missing file, a model that does
-not fit). The command line prints it as a single line and exits with status 2; library callers can catch it as a
-`ValueError`."""
+"""`TreeLoraUsageError`, defined in `peft_tree_lora.errors` (a module that imports nothing, so that the command line
+can catch it without importing PEFT and torch) and named here too, where the tuner and its callers import it."""
 
+from ..errors import TreeLoraUsageError
 
-class TreeLoraUsageError(ValueError):
-    """A problem with the user's input, stated so that it says what is wrong and what is allowed."""
+__all__ = ["TreeLoraUsageError"]

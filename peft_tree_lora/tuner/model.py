@@ -40,6 +40,9 @@ from .loading import (
 )
 from .sequence_router import TreeLoraSequenceRouter
 
+# Put on the base model (transformers' `add_model_tags`): PEFT's `save_pretrained` card and `Trainer.push_to_hub`
+# read them as `model_tags`, so a card written by plain PEFT or the Trainer says which plugin reads the adapter.
+MODEL_TAGS = ("tree-lora", "peft-tree-lora")
 _ADAPTER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 _BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")  # a module's outermost numbered ancestor: "model.layers.3"
 
@@ -103,6 +106,8 @@ class TreeLoraModel(RoutingControls, BaseTuner):
             take_out(model, adapter_name)  # PEFT replaces modules one by one: undo the ones already replaced
             raise
         self._install_call_hooks(model)
+        if callable(getattr(model, "add_model_tags", None)):
+            model.add_model_tags(list(MODEL_TAGS))
 
     def _create_and_replace(
         self,
@@ -323,6 +328,8 @@ class TreeLoraModel(RoutingControls, BaseTuner):
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
         self._remove_call_hooks()
+        if not merge and getattr(model, "model_tags", None):  # the plain base model again; merged weights keep them
+            model.model_tags = [tag for tag in model.model_tags if tag not in MODEL_TAGS]
         return model
 
     @classmethod

@@ -15,7 +15,7 @@ import importlib
 import sys
 import warnings
 
-from ...tuner.errors import TreeLoraUsageError
+from ...errors import TreeLoraUsageError  # from the package root: `tree-lora --help` imports no PEFT or torch
 
 COMMANDS = {
     "train": ("peft_tree_lora.app.cli.train", "train a TreeLoRA adapter and save it"),

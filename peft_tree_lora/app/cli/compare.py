@@ -33,10 +33,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..report import require_matplotlib
+
     if args.depth < 1:
         raise TreeLoraUsageError(
             "compare needs --depth >= 1 (depth 0 is a plain LoRA; there would be nothing to compare)."
         )
+    require_matplotlib("tree-lora compare")  # before the output folder is claimed and anything is trained
     output = Path(args.output_dir).expanduser()
     with claimed_output_dir(output, args.overwrite):
         return _compare(args, output)

@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Any
 from huggingface_hub.constants import REPOCARD_NAME
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
 
+from ...tuner.model import MODEL_TAGS
 from ...tuner.routing import num_leaves, num_nodes
 from ..files import PEFT_PREFIX, is_hub_id, tree_adapter_config
 
 if TYPE_CHECKING:
     from peft import PeftModel
 
-CARD_TAGS = ("peft", "tree-lora", "peft-tree-lora")
+CARD_TAGS = ("peft", *MODEL_TAGS)
 _SECTION = re.compile(r"<!-- BEGIN peft-tree-lora(?P<key>[^>]*?) -->.*?<!-- END peft-tree-lora(?P=key) -->", re.DOTALL)
 ROUTING_TEXT = {
     "token": "token: every adapted layer routes every token by its own input",
@@ -108,6 +109,28 @@ def summarize_adapter(directory: str | os.PathLike) -> AdapterSummary:
 
 # --- the model card -------------------------------------------------------------------------------------------
 
+NOT_ON_PYPI = "peft-tree-lora is not on PyPI: install it from its source repository"
+
+
+def source_url() -> str | None:
+    """The project's repository as its installed metadata names it (setup.cfg `url` or a `Source` project URL), if
+    it names one: the card's install line points there."""
+    from importlib.metadata import PackageNotFoundError, metadata
+
+    try:
+        meta = metadata("peft-tree-lora")
+    except PackageNotFoundError:
+        return None
+    urls = [meta.get("Home-page") or "", *(entry.split(",", 1)[-1] for entry in meta.get_all("Project-URL") or [])]
+    return next((url.strip() for url in urls if url.strip().startswith(("https://", "http://"))), None)
+
+
+def install_lines(url: str | None = None) -> str:
+    """The shell lines that install peft-tree-lora, for a reader of the card."""
+    if url:
+        return f'# {NOT_ON_PYPI}\npip install "peft-tree-lora @ git+{url}"'
+    return f"# {NOT_ON_PYPI} (a clone of it, or its git URL)\npip install /path/to/peft-tree-lora"
+
 
 def card_section(summary: AdapterSummary, load_from: str, key: str = "", load_kwargs: dict | None = None) -> str:
     """The TreeLoRA part of a model card, between markers so that a later save replaces it in place."""
@@ -153,14 +176,16 @@ def card_section(summary: AdapterSummary, load_from: str, key: str = "", load_kw
         )
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     title = "TreeLoRA adapter" + (f" `{key}`" if key else "")
+    url = source_url()
+    name = f"[peft-tree-lora]({url})" if url else "peft-tree-lora"
     return (
         f"<!-- BEGIN peft-tree-lora{' ' + key if key else ''} -->\n"
         f"## {title}\n\n"
-        "A [peft-tree-lora](https://pypi.org/project/peft-tree-lora/) adapter: on every adapted layer a binary tree "
+        f"A {name} adapter: on every adapted layer a binary tree "
         "of LoRA leaves with a sigmoid router at each inner node. Training mixes the leaves; inference applies one "
         "leaf per token or per sequence.\n\n"
-        "```bash\npip install peft-tree-lora\n```\n\n"
-        "```python\nimport peft_tree_lora  # registers TreeLoRA with PEFT; without it PEFT cannot read this adapter\n"
+        f"```bash\n{install_lines(url)}\n```\n\n"
+        "```python\nimport peft_tree_lora  # registers TreeLoRA with PEFT (once installed, `import peft` does too)\n"
         f"{load}\n```\n\n"
         "| | |\n| --- | --- |\n"
         f"{table}\n"
