@@ -84,3 +84,14 @@ def test_the_sequence_router_reports_its_feature_sizes_like_a_linear_layer():
     assert (router_layer.in_features, router_layer.out_features) == (hidden, hidden)
     router = router_layer.treelora_router["default"]
     assert (router.in_features, router.out_features) == (hidden, 3)
+
+
+def test_merging_into_an_integer_weight_that_is_not_bitsandbytes_is_refused_naming_what_is_supported():
+    model = trained_looking(tree_model(make_tiny_llama(), depth=0))
+    layer = model.base_model.model.model.layers[1].mlp.down_proj.base_layer
+    layer.weight = torch.nn.Parameter(torch.zeros(layer.weight.shape, dtype=torch.int8), requires_grad=False)
+    before = base_weights(model)
+    with pytest.raises(ValueError, match="cannot merge into Linear .* supports float weights, bitsandbytes"):
+        model.merge_and_unload()
+    after = base_weights(model)
+    assert all(torch.equal(after[name], before[name]) for name in before)  # refused before the first layer merged

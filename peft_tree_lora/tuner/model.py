@@ -29,6 +29,7 @@ from .config import TreeLoraConfig
 from .controls import RoutingControls
 from .layer import TreeLoraLayer, TreeLoraLinear
 from .loading import NoTargetModulesError, adaptable_modules_hint, fit_problems, roll_back, take_out
+from .quantized import quantization
 from .sequence_router import TreeLoraSequenceRouter
 
 _ADAPTER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -269,6 +270,7 @@ class TreeLoraModel(RoutingControls, BaseTuner):
                 for adapter in module.active_adapters:
                     if adapter in module.treelora_A:
                         module.mergeable_leaf(adapter)  # raises before anything is merged
+                quantization(module.get_base_layer())  # so does a quantised weight that merging does not support
 
     def _unload_and_optionally_merge(
         self,
