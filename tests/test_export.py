@@ -201,8 +201,8 @@ def test_the_command_line_exports_all_leaves_or_one(tmp_path, capsys):
 # --- the example router script --------------------------------------------------------------------------------
 
 
-def save_base_with_tokenizer(directory: Path) -> None:
-    """The tiny Llama plus a word-level tokenizer ("w3 w17 ..."), saved as a model directory."""
+def save_base_with_tokenizer(directory: Path, model: torch.nn.Module | None = None) -> None:
+    """The tiny Llama (or `model`) plus a word-level tokenizer ("w3 w17 ..."), saved as a model directory."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -210,7 +210,7 @@ def save_base_with_tokenizer(directory: Path) -> None:
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    make_tiny_llama().save_pretrained(directory)
+    (make_tiny_llama() if model is None else model).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
 
 
