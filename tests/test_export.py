@@ -265,6 +265,28 @@ def test_serve_router_pick_leaf_follows_the_exported_recipe(tmp_path):
     assert torch.equal(picked, model.base_model.leaf_routes(prompts)["sequence"])
 
 
+def test_serve_router_pick_leaf_pools_the_route_tokens_and_normalises_as_the_recipe_says(tmp_path):
+    spec_path = ROOT / "examples" / "serve_router.py"
+    module_spec = importlib.util.spec_from_file_location("serve_router", spec_path)
+    serve_router = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(serve_router)
+    model = sequence_tree(sequence_route_tokens=4)  # router_input_norm is on by default
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, TreeLoraSequenceRouter):
+                for router in module.treelora_router.values():
+                    router.bias.normal_(0.0, 0.3, generator=generator)  # a bias: the input's scale now matters
+    export_leaves(model, tmp_path / "out")
+    spec, router = serve_router.load_router(tmp_path / "out")
+    tails = torch.randint(3, VOCAB, (16, 3), generator=torch.Generator().manual_seed(5))
+    prompts = torch.cat([spread_prompts(16, 4), tails], dim=1)  # only the first 4 tokens route
+    embeds = make_tiny_llama().get_input_embeddings()(prompts)
+    routes = model.base_model.leaf_routes(prompts)["sequence"]
+    assert len(routes.unique()) >= 2
+    assert torch.equal(serve_router.pick_leaf(spec, router, embeds, None), routes)
+
+
 # --- merging a pinned leaf ------------------------------------------------------------------------------------
 
 
