@@ -36,14 +36,20 @@ def pick_leaf(
     spec: dict, router: dict[str, torch.Tensor] | None, embeds: torch.Tensor, attention_mask: torch.Tensor | None
 ) -> torch.Tensor:
     """Follow `router.json`: pool the prompt's token embeddings (`batch, tokens, hidden`) over its non-padding
-    positions, then descend the tree in heap order, going right where the node's logit is >= 0."""
+    positions (the first `route_tokens` of them when set), divide by the root mean square when `input_norm` is true,
+    then descend the tree in heap order, going right where the node's logit is >= 0."""
     if spec["depth"] == 0:
         return torch.zeros(embeds.shape[0], dtype=torch.long)
     if attention_mask is None:
         attention_mask = torch.ones(embeds.shape[:2], dtype=torch.long)
-    mask = attention_mask.to(embeds.dtype).unsqueeze(-1)
-    pooled = (embeds * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-    logits = pooled.to(router["weight"].dtype) @ router["weight"].T + router["bias"]
+    mask = attention_mask.bool()
+    if spec.get("route_tokens") is not None:
+        mask = mask & (mask.cumsum(1) <= spec["route_tokens"])
+    weights = mask.to(embeds.dtype).unsqueeze(-1)
+    pooled = ((embeds * weights).sum(1) / weights.sum(1).clamp_min(1.0)).to(router["weight"].dtype)
+    if spec.get("input_norm"):
+        pooled = pooled * torch.rsqrt(pooled.pow(2).mean(-1, keepdim=True) + 1e-6)
+    logits = pooled @ router["weight"].T + router["bias"]
     node = torch.zeros(embeds.shape[0], dtype=torch.long)
     for _ in range(spec["depth"]):
         go_right = logits.gather(1, node[:, None])[:, 0] >= 0

@@ -202,8 +202,8 @@ def test_the_command_line_exports_all_leaves_or_one(tmp_path, capsys):
 # --- the example router script --------------------------------------------------------------------------------
 
 
-def save_base_with_tokenizer(directory: Path) -> None:
-    """The tiny Llama plus a word-level tokenizer ("w3 w17 ..."), saved as a model directory."""
+def save_base_with_tokenizer(directory: Path, model: torch.nn.Module | None = None) -> None:
+    """The tiny Llama (or `model`) plus a word-level tokenizer ("w3 w17 ..."), saved as a model directory."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -211,7 +211,7 @@ def save_base_with_tokenizer(directory: Path) -> None:
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    make_tiny_llama().save_pretrained(directory)
+    (make_tiny_llama() if model is None else model).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
 
 
@@ -292,6 +292,28 @@ def test_serve_router_example_routes_prompts_where_peft_cannot_be_imported(tmp_p
     assert done.returncode == 0, done.stderr[-3000:]
     picked = json.loads(done.stdout.split("PICKED ", 1)[1])
     assert picked == model.base_model.leaf_routes(prompts)["sequence"].tolist()
+
+
+def test_serve_router_pick_leaf_pools_the_route_tokens_and_normalises_as_the_recipe_says(tmp_path):
+    spec_path = ROOT / "examples" / "serve_router.py"
+    module_spec = importlib.util.spec_from_file_location("serve_router", spec_path)
+    serve_router = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(serve_router)
+    model = sequence_tree(sequence_route_tokens=4)  # router_input_norm is on by default
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, TreeLoraSequenceRouter):
+                for router in module.treelora_router.values():
+                    router.bias.normal_(0.0, 0.3, generator=generator)  # a bias: the input's scale now matters
+    export_leaves(model, tmp_path / "out")
+    spec, router = serve_router.load_router(tmp_path / "out")
+    tails = torch.randint(3, VOCAB, (16, 3), generator=torch.Generator().manual_seed(5))
+    prompts = torch.cat([spread_prompts(16, 4), tails], dim=1)  # only the first 4 tokens route
+    embeds = make_tiny_llama().get_input_embeddings()(prompts)
+    routes = model.base_model.leaf_routes(prompts)["sequence"]
+    assert len(routes.unique()) >= 2
+    assert torch.equal(serve_router.pick_leaf(spec, router, embeds, None), routes)
 
 
 # --- merging a pinned leaf ------------------------------------------------------------------------------------

@@ -126,3 +126,14 @@ def test_an_adapter_name_that_is_not_a_string_is_refused_with_what_a_name_must_b
             pinned_sequence_tree().add_adapter(adapter_name=None, peft_config=config)
         else:
             get_peft_model(make_tiny_llama(), config, adapter_name=None)
+
+
+def test_merging_into_an_integer_weight_that_is_not_bitsandbytes_is_refused_naming_what_is_supported():
+    model = trained_looking(tree_model(make_tiny_llama(), depth=0))
+    layer = model.base_model.model.model.layers[1].mlp.down_proj.base_layer
+    layer.weight = torch.nn.Parameter(torch.zeros(layer.weight.shape, dtype=torch.int8), requires_grad=False)
+    before = base_weights(model)
+    with pytest.raises(ValueError, match="cannot merge into Linear .* supports float weights, bitsandbytes"):
+        model.merge_and_unload()
+    after = base_weights(model)
+    assert all(torch.equal(after[name], before[name]) for name in before)  # refused before the first layer merged

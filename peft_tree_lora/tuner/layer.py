@@ -14,6 +14,7 @@ from .call import RoutingCall, current_call
 from .config import TreeLoraConfig
 from .leaves import apply_one_leaf
 from .path_leaves import LEAF_LAYOUTS, lora_factors
+from .quantized import merge_quantized, quantization, unmerge_quantized
 from .router import TreeRouter
 from .routing import RouterLosses, attach_auxiliary_loss, num_leaves
 from .variants import ROUTING_SCOPES, TRAINING_ROUTINGS, Leaves
@@ -85,6 +86,7 @@ class TreeLoraLinear(nn.Module, TreeLoraLayer):
         self.scaling: dict[str, float] = {}
         self.block_name: dict[str, str] = {}
         self.merged_leaf: dict[str, int] = {}
+        self.kept_quantized: dict[str, tuple] = {}  # per merged adapter, the quantised base weight it replaced
         self.treelora_A = nn.ParameterDict({})
         self.treelora_B = nn.ParameterDict({})
         self.treelora_node_A = nn.ParameterDict({})  # inner nodes' LoRAs of leaf_layout="path" (path_leaves.py)
@@ -190,14 +192,16 @@ class TreeLoraLinear(nn.Module, TreeLoraLayer):
             if adapter not in self.treelora_A:
                 continue
             leaf = self.mergeable_leaf(adapter)
-            delta = self.get_delta_weight(adapter, leaf).to(base.weight.dtype)
-            if safe_merge:
-                merged = base.weight.data + delta
+            delta = self.get_delta_weight(adapter, leaf)
+            if quantization(base) is not None:  # bitsandbytes: dequantise, add, requantise (see quantized.py)
+                merge_quantized(self.kept_quantized, base, adapter, delta, safe_merge)
+            elif safe_merge:
+                merged = base.weight.data + delta.to(base.weight.dtype)
                 if not torch.isfinite(merged).all():
                     raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
                 base.weight.data = merged
             else:
-                base.weight.data += delta
+                base.weight.data += delta.to(base.weight.dtype)
             self.merged_leaf[adapter] = leaf
             self.merged_adapters.append(adapter)
 
@@ -210,7 +214,10 @@ class TreeLoraLinear(nn.Module, TreeLoraLayer):
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             leaf = self.merged_leaf.pop(adapter, 0)
-            base.weight.data -= self.get_delta_weight(adapter, leaf).to(base.weight.dtype)
+            if adapter in self.kept_quantized:  # the quantised weight this merge replaced goes back, bit for bit
+                unmerge_quantized(self.kept_quantized, base, adapter)
+            else:
+                base.weight.data -= self.get_delta_weight(adapter, leaf).to(base.weight.dtype)
 
     def __repr__(self) -> str:
         return "treelora." + super().__repr__()

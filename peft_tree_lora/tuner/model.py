@@ -38,6 +38,7 @@ from .loading import (
     take_out,
     weight_problems,
 )
+from .quantized import quantization
 from .sequence_router import TreeLoraSequenceRouter
 
 # Put on the base model (transformers' `add_model_tags`): PEFT's `save_pretrained` card and `Trainer.push_to_hub`
@@ -284,6 +285,7 @@ class TreeLoraModel(RoutingControls, BaseTuner):
                 for adapter in module.active_adapters:
                     if adapter in module.treelora_A:
                         module.mergeable_leaf(adapter)  # raises before anything is merged
+                quantization(module.get_base_layer())  # so does a quantised weight that merging does not support
 
     def add_weighted_adapter(self, adapters: list[str], *args: Any, **kwargs: Any) -> None:
         """Not supported: raises a `TreeLoraUsageError` that says so and what to do instead."""
