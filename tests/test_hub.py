@@ -137,6 +137,7 @@ def hub_process(script: str, hub: HubServer, home: Path, paths: dict, token: boo
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_ENDPOINT=hub.url, HF_HOME=str(home), HF_HUB_DISABLE_XET="1", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = str(ROOT)
+    env["PEFT_TREE_LORA_NO_AUTOLOAD"] = "1"  # the scripts show what works before and after `import peft_tree_lora`
     if token:
         env["HF_TOKEN"] = "hf_dummy_token_for_tests"
     result = subprocess.run(

@@ -96,13 +96,6 @@ def test_reloading_in_a_fresh_process_gives_identical_logits(base_dir, tmp_path)
     assert all(line.endswith("identical") for line in lines), lines
 
 
-def test_loading_without_importing_the_plugin_fails_with_peft_keyerror(base_dir, tmp_path):
-    save_adapter(base_dir, tmp_path, depth=1)
-    script = f"from peft import PeftConfig; PeftConfig.from_pretrained({str(tmp_path)!r})"
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and "KeyError: 'TREELORA'" in result.stderr
-
-
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_transformers_load_adapter_gives_the_same_logits(base_dir, tmp_path, routing):
     input_ids = torch.randint(3, 90, (2, 9))

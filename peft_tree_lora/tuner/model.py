@@ -38,7 +38,7 @@ from .loading import (
     take_out,
     weight_problems,
 )
-from .quantized import quantization
+from .quantized import dequantized_weight, quantization
 from .sequence_router import TreeLoraSequenceRouter
 
 # Put on the base model (transformers' `add_model_tags`): PEFT's `save_pretrained` card and `Trainer.push_to_hub`
@@ -309,7 +309,8 @@ class TreeLoraModel(RoutingControls, BaseTuner):
                 continue
             for adapter in adapter_names or module.active_adapters:
                 if adapter in module.treelora_A and adapter not in module.merged_adapters:
-                    base = module.get_base_layer().weight
+                    layer = module.get_base_layer()
+                    base = dequantized_weight(layer) if quantization(layer) is not None else layer.weight
                     if not torch.isfinite(base + module.get_delta_weight(adapter).to(base.dtype)).all():
                         raise ValueError(
                             f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken "
