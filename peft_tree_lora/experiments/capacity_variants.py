@@ -69,5 +69,5 @@ TREE_VARIANTS: list[TreeVariant] = [
         rank_times_levels=True,
     ),
 ]
-DEFAULT_TREE_ARMS = ("tree", "tree_router_lr2", "tree_block", "tree_sequence", "tree_soft")
+DEFAULT_TREE_ARMS = ("tree", "tree_router_lr2", "tree_block_r2", "tree_sequence", "tree_soft")
 FROZEN_ROUTER_KEY = "tree_frozen_router"
