@@ -310,6 +310,9 @@ def test_capacity_verdict_needs_every_seed_ahead_by_more_than_the_spread():
     assert verdict["share_of_wide"]["tree_b"] == pytest.approx(0.45 / 0.79)
     assert verdict["lora_r_capacity_bound"]
     assert "YES" in verdict["text"] and "NO" in verdict["text"]
+    paired = verdict["compute_matched"]["tree_b"]
+    assert paired["mean_difference"] == pytest.approx(0.13)
+    assert paired["paired_standard_error"] == pytest.approx((0.0014 / 2 / 3) ** 0.5)  # differences 0.15, 0.14, 0.10
     one_seed = capacity_verdict.compare_by_seed([r for r in runs if r["seed"] == 0], "tree_b", "lora3")
     assert one_seed["differences"] == [pytest.approx(0.15)] and not one_seed["beats"]
 

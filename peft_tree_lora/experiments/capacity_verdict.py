@@ -28,7 +28,8 @@ def summarise(runs: list[dict[str, Any]], arm_keys: list[str]) -> dict[str, dict
 
 def compare_by_seed(runs: list[dict[str, Any]], key: str, other: str, metric: str = "recall") -> dict[str, Any]:
     """`key` against `other`, seed by seed: the differences, the seed spread (the larger of the two arms' max - min
-    over seeds) and whether `key` is ahead on every seed by more than that spread (needs two or more seeds)."""
+    over seeds) and whether `key` is ahead on every seed by more than that spread (needs two or more seeds). Also
+    the paired view, which does not count how hard a seed is as noise: the mean difference and its standard error."""
     mine = {r["seed"]: r[metric] for r in runs if r["arm"] == key}
     theirs = {r["seed"]: r[metric] for r in runs if r["arm"] == other}
     seeds = sorted(set(mine) & set(theirs))
@@ -37,10 +38,18 @@ def compare_by_seed(runs: list[dict[str, Any]], key: str, other: str, metric: st
         (max(values) - min(values) for values in ([mine[s] for s in seeds], [theirs[s] for s in seeds]) if values),
         default=0.0,
     )
+    mean_difference = sum(differences) / len(differences) if differences else 0.0
+    paired_se = (
+        (sum((d - mean_difference) ** 2 for d in differences) / (len(differences) - 1) / len(differences)) ** 0.5
+        if len(differences) >= 2
+        else float("nan")
+    )
     return {
         "against": other,
         "seeds": seeds,
         "differences": differences,
+        "mean_difference": mean_difference,
+        "paired_standard_error": paired_se,
         "spread": spread,
         "seeds_ahead": sum(d > 0 for d in differences),
         "beats": len(seeds) >= 2 and all(d > spread for d in differences),
@@ -77,6 +86,8 @@ def verdict(data: dict[str, Any]) -> dict[str, Any]:
             f"{labels[key]} ({recall_text(key)}) against its compute-matched {labels[other]} ({recall_text(other)}): "
             f"ahead on every seed by more than the seed spread ({c['spread']:.1%})? {outcome(c)} (tree minus LoRA: "
             + ", ".join(f"{d:+.1%}" for d in c["differences"])
+            + f"; ahead on {c['seeds_ahead']} of {len(c['seeds'])} seeds, mean {c['mean_difference']:+.1%}"
+            + (f", paired s.e. {c['paired_standard_error']:.1%}" if len(c["seeds"]) >= 2 else "")
             + ")."
         )
     control = roles.get("frozen_router")
