@@ -72,8 +72,8 @@ def apply_leaf_per_row(
 def gathered(
     x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, leaf: torch.Tensor, scaling: float = 1.0
 ) -> torch.Tensor:
-    hidden = torch.bmm(lora_A[leaf], x.unsqueeze(-1))  # (T, r, 1)
-    return torch.bmm(lora_B[leaf], _scaled(hidden, scaling)).squeeze(-1)
+    hidden = torch.bmm(lora_A.index_select(0, leaf), x.unsqueeze(-1))  # (T, r, 1); index_select beats A[leaf]
+    return torch.bmm(lora_B.index_select(0, leaf), _scaled(hidden, scaling)).squeeze(-1)
 
 
 def masked_dense(
@@ -140,8 +140,8 @@ def apply_leaf_per_sequence(
     """`scaling * B_leaf[b] A_leaf[b] x[b]` for `x` (`B, T, in`) and one leaf per sequence `b`."""
     if lora_A.shape[0] == 1:
         return F.linear(_scaled(F.linear(x, lora_A[0]), scaling), lora_B[0])
-    hidden = torch.bmm(x, lora_A[leaf].transpose(1, 2))  # (B, T, r)
-    return torch.bmm(_scaled(hidden, scaling), lora_B[leaf].transpose(1, 2))
+    hidden = torch.bmm(x, lora_A.index_select(0, leaf).transpose(1, 2))  # (B, T, r)
+    return torch.bmm(_scaled(hidden, scaling), lora_B.index_select(0, leaf).transpose(1, 2))
 
 
 def apply_one_leaf(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:

@@ -59,7 +59,7 @@ def descend_logits(logits: torch.Tensor, depth: int) -> torch.Tensor:
     if depth <= SIGN_TABLE_MAX_DEPTH:
         signs = (logits[..., : num_nodes(depth)] >= 0).to(torch.float32)
         code = F.linear(signs, _sign_weights(depth, logits.device)).squeeze(-1)  # exact: at most 15 bits
-        return _leaf_table(depth, logits.device)[code.long()]
+        return _leaf_table(depth, logits.device).index_select(0, code.long().flatten()).view(code.shape)
     # the child of node n is 2n + step, with step 1 (left) or 2 (right): two operations per level
     step = (logits >= 0).long().add_(1)
     node = step[..., :1]
@@ -199,7 +199,7 @@ def path_prob_of_leaf(logits: torch.Tensor, leaf: torch.Tensor, depth: int) -> t
 def rms_normalized(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """`x` divided by its root mean square over the last dimension (no parameters): the routers then see inputs of
     unit scale, whatever the scale of the activations (0.3 for some projections, 0.03 for pooled embeddings)."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return F.rms_norm(x, (x.shape[-1],), eps=eps)  # one fused kernel: x * rsqrt(mean(x**2) + eps)
 
 
 @dataclass(frozen=True)
