@@ -128,6 +128,24 @@ def test_compute_matched_rank_counts_the_tree_leaf_and_routers_per_token():
     assert facts_job.compute_matched_rank(2048, 1024) == 2 and facts_job.compute_matched_rank(2049, 1024) == 3
 
 
+def test_block_routing_trees_count_one_router_per_block_and_get_a_smaller_matched_rank():
+    """The job's --routing reaches the tree arm: a block-routed tree pays one tree of routers per block, not one
+    per module, so it touches fewer parameters per token than the token-routed tree."""
+    model = make_tiny_llama()
+    names = facts_job.target_modules("all-linear", model)
+    token = facts_job.compute_matched(facts_job.copies_of(model), facts_job.JobSettings(layers="all"), names, None)
+    block_settings = facts_job.JobSettings(layers="all", routing="block")
+    block = facts_job.compute_matched(facts_job.copies_of(model), block_settings, names, None)
+    assert LORA_PER_RANK < block["tree_active_per_token"] < token["tree_active_per_token"]
+    tree_arm = facts_job.job_arms(1, 3, block["rank"], "block")[1]
+    assert facts_job.adapter_config(tree_arm, names, None).routing == "block" and "block routing" in tree_arm.label
+
+
+def test_an_unknown_routing_is_refused_naming_the_allowed_ones():
+    with pytest.raises(facts_job.TreeLoraUsageError, match="--routing must be one of token, block, sequence"):
+        facts_job.JobSettings(routing="tokens").validate()
+
+
 # --- end to end -----------------------------------------------------------------------------------------------
 
 

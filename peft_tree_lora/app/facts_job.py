@@ -81,6 +81,7 @@ from .facts_report import REPORT_FILE, atomic_text, layers_text, results_table, 
 from .facts_runs import (  # noqa: F401  (JobSettings, compute_matched_rank ... are this job's API)
     ARM_KEYS,
     QUERY_BATCH,
+    ROUTINGS,
     Arm,
     JobSettings,
     ProgressLine,
@@ -124,6 +125,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("adapters")
     group.add_argument("--rank", "-r", type=int, default=defaults.rank, help="LoRA rank and tree leaf rank")
     group.add_argument("--depth", type=int, default=defaults.depth, help="tree depth (2**depth leaves)")
+    group.add_argument(
+        "--routing", choices=ROUTINGS, default=defaults.routing, help="the tree's routing scope (default: token)"
+    )
     group.add_argument("--layers", default=defaults.layers, help="'all', 'lastN' or a comma list of layer indices")
     group.add_argument(
         "--target-modules", default=defaults.target_modules, help="'all-linear' or a comma list of module names"
@@ -160,6 +164,7 @@ def settings_from_args(args: argparse.Namespace) -> JobSettings:
         lr_sweep=sweep,
         rank=args.rank,
         depth=args.depth,
+        routing=args.routing,
         layers=args.layers,
         target_modules=args.target_modules,
         warmup_fraction=args.warmup_fraction,
@@ -237,7 +242,7 @@ def run_job(settings: JobSettings, output: Path, command: str, show_progress: bo
     matched = compute_matched(fresh, settings, names, layers)
     arms = [
         arm
-        for key, arm in zip(ARM_KEYS, job_arms(settings.rank, settings.depth, matched["rank"]))
+        for key, arm in zip(ARM_KEYS, job_arms(settings.rank, settings.depth, matched["rank"], settings.routing))
         if key in settings.arms and not settings.sweep_only
     ]
     _write_marker(output, command)

@@ -23,6 +23,7 @@ from .people import ATTRIBUTES, generate_people
 from .recall import exact_match, knowledge_bits
 from .runner import TrainSettings, run_training
 
+ROUTINGS = ("token", "block", "sequence")
 ARM_KEYS = ("lora", "tree", "matched", "wide")  # --arms: LoRA r, the tree, the compute-matched LoRA, LoRA r*2**d
 
 
@@ -42,6 +43,7 @@ class JobSettings:
     lr_sweep: list[float] = field(default_factory=list)
     rank: int = 1
     depth: int = 3
+    routing: str = "token"
     layers: str = "last4"
     target_modules: str = "all-linear"
     warmup_fraction: float = 0.05
@@ -55,6 +57,8 @@ class JobSettings:
         for name in ("people", "validation_people", "epochs", "batch_size", "rank", "evaluations"):
             if getattr(self, name) < 1:
                 raise TreeLoraUsageError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}.")
+        if self.routing not in ROUTINGS:
+            raise TreeLoraUsageError(f"--routing must be one of {', '.join(ROUTINGS)}; got {self.routing!r}.")
         if not 1 <= self.depth <= 10:
             raise TreeLoraUsageError(f"--depth must be in 1..10 (depth 0 is a plain LoRA); got {self.depth}.")
         for lr in [self.lr, *self.lr_sweep]:
@@ -78,6 +82,7 @@ class Arm:
     kind: str  # "lora" or "tree"
     rank: int
     depth: int = 0
+    routing: str = "token"
 
 
 def copies_of(base: torch.nn.Module) -> Callable[[], torch.nn.Module]:
@@ -89,11 +94,12 @@ def copies_of(base: torch.nn.Module) -> Callable[[], torch.nn.Module]:
     return fresh
 
 
-def job_arms(rank: int, depth: int, matched_rank: int) -> list[Arm]:
+def job_arms(rank: int, depth: int, matched_rank: int, routing: str = "token") -> list[Arm]:
     wide = rank * 2**depth
+    scope = "" if routing == "token" else f", {routing} routing"
     return [
         Arm(f"lora_r{rank}", f"LoRA r={rank}", "lora", rank),
-        Arm("tree", f"TreeLoRA d={depth} r={rank}", "tree", rank, depth),
+        Arm("tree", f"TreeLoRA d={depth} r={rank}{scope}", "tree", rank, depth, routing),
         Arm("compute_matched", f"LoRA r={matched_rank} (compute-matched)", "lora", matched_rank),
         Arm(f"lora_r{wide}", f"LoRA r={wide}", "lora", wide),
     ]
@@ -109,7 +115,7 @@ def adapter_config(arm: Arm, target_modules: list[str], layers: list[int] | None
     if layers is not None:
         shared["layers_to_transform"] = list(layers)
     if arm.kind == "tree":
-        return TreeLoraConfig(depth=arm.depth, r=arm.rank, lora_alpha=2 * arm.rank, routing="token", **shared)
+        return TreeLoraConfig(depth=arm.depth, r=arm.rank, lora_alpha=2 * arm.rank, routing=arm.routing, **shared)
     return LoraConfig(r=arm.rank, lora_alpha=2 * arm.rank, **shared)
 
 
@@ -125,7 +131,7 @@ def compute_matched(
     (one leaf per module plus the routers on the path) and LoRA's parameters per unit of rank."""
     from peft import get_peft_model
 
-    tree_arm = Arm("tree", "", "tree", settings.rank, settings.depth)
+    tree_arm = Arm("tree", "", "tree", settings.rank, settings.depth, settings.routing)
     with _quiet_warnings():
         tree = get_peft_model(fresh(), adapter_config(tree_arm, names, layers))
         active = int(tree.base_model.parameter_counts()["active_per_token"])
