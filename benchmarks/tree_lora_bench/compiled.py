@@ -29,6 +29,8 @@ def compile_section(
     models: dict, input_ids: torch.Tensor, rounds: int, rng: random.Random, log
 ) -> tuple[list[Series], list[str]]:
     """`models` maps a name (one of them `REFERENCE`) to an adapted model; every one is timed eager and compiled."""
+    if REFERENCE not in models:
+        raise ValueError(f"compile_section needs a {REFERENCE!r} model to take ratios against")
     results: list[Series] = []
     notes: list[str] = []
     for section, make_task, training in (
@@ -52,5 +54,4 @@ def compile_section(
             ratio = statistics.median(c / e for c, e in zip(compiled, eager))
             notes.append(f"{section}, {name}: compiled / eager {ratio:.3f} (median of {rounds} rounds)")
         torch._dynamo.reset()
-    assert REFERENCE in models
     return results, notes

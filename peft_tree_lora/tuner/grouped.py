@@ -29,8 +29,8 @@ def _grouping(leaf: torch.Tensor, num_leaves: int) -> tuple[torch.Tensor, torch.
     """The order that sorts rows by leaf, its inverse, and each leaf's end offset in the sorted rows (int32)."""
     order = torch.argsort(leaf)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
-    bounds = torch.arange(1, num_leaves + 1, device=leaf.device) - 1
-    ends = torch.searchsorted(leaf.index_select(0, order), bounds, right=True).to(torch.int32)
+    leaves = torch.arange(num_leaves, device=leaf.device)
+    ends = torch.searchsorted(leaf.index_select(0, order), leaves, right=True).to(torch.int32)
     return order, inverse, ends
 
 
@@ -75,7 +75,7 @@ def grouped_leaves_backward(
     order, inverse, ends = _grouping(leaf, lora_A.shape[0])
     lora_A, lora_B = _pad(lora_A, lora_B)
     sorted_x = x.index_select(0, order)
-    sorted_grad = grad.index_select(0, order).contiguous()
+    sorted_grad = grad.index_select(0, order)  # a new, dense tensor whatever the strides of `grad`
     hidden = F.grouped_mm(sorted_x, _transposed(lora_A), offs=ends) * scaling  # (T, r), as in the forward
     grad_hidden = F.grouped_mm(sorted_grad, lora_B, offs=ends) * scaling  # (T, r) before the scaling
     grad_B = F.grouped_mm(sorted_grad.t(), hidden, offs=ends)  # (L, out, r)

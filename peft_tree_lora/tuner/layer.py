@@ -14,7 +14,7 @@ from .call import RoutingCall, current_call
 from .config import TreeLoraConfig
 from .leaves import apply_one_leaf
 from .path_leaves import LEAF_LAYOUTS, lora_factors
-from .quantized import merge_quantized, quantization, unmerge_quantized
+from .quantized import broken_merge_error, merge_quantized, quantization, unmerge_quantized
 from .router import TreeRouter
 from .routing import RouterLosses, attach_auxiliary_loss, num_leaves
 from .variants import ROUTING_SCOPES, TRAINING_ROUTINGS, Leaves
@@ -198,7 +198,7 @@ class TreeLoraLinear(nn.Module, TreeLoraLayer):
             elif safe_merge:
                 merged = base.weight.data + delta.to(base.weight.dtype)
                 if not torch.isfinite(merged).all():
-                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+                    raise broken_merge_error(adapter)
                 base.weight.data = merged
             else:
                 base.weight.data += delta.to(base.weight.dtype)

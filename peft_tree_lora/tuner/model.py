@@ -38,7 +38,7 @@ from .loading import (
     take_out,
     weight_problems,
 )
-from .quantized import dequantized_weight, quantization
+from .quantized import broken_merge_error, dequantized_weight, quantization
 from .sequence_router import TreeLoraSequenceRouter
 
 # Put on the base model (transformers' `add_model_tags`): PEFT's `save_pretrained` card and `Trainer.push_to_hub`
@@ -312,10 +312,7 @@ class TreeLoraModel(RoutingControls, BaseTuner):
                     layer = module.get_base_layer()
                     base = dequantized_weight(layer) if quantization(layer) is not None else layer.weight
                     if not torch.isfinite(base + module.get_delta_weight(adapter).to(base.dtype)).all():
-                        raise ValueError(
-                            f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken "
-                            f"(in {name}; nothing was merged)"
-                        )
+                        raise broken_merge_error(adapter, f" (in {name}; nothing was merged)")
 
     def _unload_and_optionally_merge(
         self,

@@ -59,12 +59,17 @@ def dequantized_weight(base: nn.Module) -> torch.Tensor:
     return bnb.functional.int8_vectorwise_dequant(weight.data, _int8_scales(base).float()).float()
 
 
+def broken_merge_error(adapter: str, where: str = "") -> ValueError:
+    """The error of a `safe_merge` that meets a non-finite weight, in PEFT LoRA's words (plus where, if known)."""
+    return ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken{where}")
+
+
 def merge_quantized(stash: dict[str, Any], base: nn.Module, adapter: str, delta: torch.Tensor, safe: bool) -> None:
     """Replace the base weight by the quantisation of (dequantised weight + `delta`), keeping the replaced weight in
     `stash[adapter]` for `unmerge_quantized`. With `safe`, a non-finite sum raises and nothing changes."""
     merged = dequantized_weight(base) + delta.detach().float().to(base.weight.device)
     if safe and not torch.isfinite(merged).all():
-        raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+        raise broken_merge_error(adapter)
     kept = _current(base)
     if quantization(base) == "4bit":
         _install_4bit(base, _quantize_4bit(base, merged))
