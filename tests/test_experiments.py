@@ -285,8 +285,10 @@ def test_capacity_verdict_needs_every_seed_ahead_by_more_than_the_spread():
         "lora8": ["lora_all_leaves"],
         "tree": ["tree"],
         "tree_b": ["tree"],
-        "tree_frozen_router": ["frozen_router"],
+        "tree_frozen_router": ["frozen_router:tree"],
+        "tree_b_frozen_router": ["frozen_router:tree_b"],
     }
+    recalls["tree_b_frozen_router"] = [0.30, 0.31, 0.29]
     runs = [
         {"arm": key, "seed": seed, "recall": value}
         for key, values in recalls.items()
@@ -305,8 +307,10 @@ def test_capacity_verdict_needs_every_seed_ahead_by_more_than_the_spread():
     assert verdict["compute_matched"]["tree_b"]["beats"]
     assert verdict["compute_matched"]["tree_b"]["spread"] == pytest.approx(0.04)
     assert not verdict["compute_matched"]["tree"]["beats"] and verdict["compute_matched"]["tree"]["seeds_ahead"] == 0
-    # the default tree against the control: behind on every seed
-    assert verdict["frozen_router"]["seeds_ahead"] == 0 and not verdict["frozen_router"]["beats"]
+    # each tree against its own control: the default behind on every seed, tree_b ahead by more than the spread
+    assert verdict["frozen_router"]["tree"]["seeds_ahead"] == 0 and not verdict["frozen_router"]["tree"]["beats"]
+    assert verdict["frozen_router"]["tree_b"]["against"] == "tree_b_frozen_router"
+    assert verdict["frozen_router"]["tree_b"]["beats"]
     assert verdict["share_of_wide"]["tree_b"] == pytest.approx(0.45 / 0.79)
     assert verdict["lora_r_capacity_bound"]
     assert "YES" in verdict["text"] and "NO" in verdict["text"]
@@ -338,6 +342,8 @@ def test_capacity_study_runs_end_to_end(tmp_path):
             "0.02",
             "--validation-seed",
             "5",
+            "--frozen-router-of",
+            "tree",
         ]
         + ["--out", str(out), "--quiet"]
     )
@@ -355,7 +361,7 @@ def test_capacity_study_runs_end_to_end(tmp_path):
         "compute_matched:tree_sequence": "lora1",
         "compute_matched:tree": "lora2",
         "lora_all_leaves": "lora2",
-        "frozen_router": "tree_frozen_router",
+        "frozen_router:tree": "tree_frozen_router",
     }
     runs = {run["arm"]: run for run in data["runs"]}
     assert list(runs) == ["lora1", "lora2", "tree", "tree_sequence", "tree_frozen_router"]
@@ -404,3 +410,32 @@ def test_capacity_stops_before_training_on_a_tree_arm_the_config_rejects(tmp_pat
     assert status == 2
     assert "tree arm 'tree_switch'" in capsys.readouterr().err  # stopped by the config check, not by argparse
     assert not out.exists()  # before any training or writing
+
+
+@pytest.mark.parametrize(
+    ("tree_arms", "frozen_router_of", "controls"),
+    [
+        (["tree", "tree_block_r2"], ["tree", "tree_block_r2"], ["tree_frozen_router", "tree_block_r2_frozen_router"]),
+        (["tree_block_r2", "tree_soft"], ["tree", "tree_block_r2"], ["tree_block_r2_frozen_router"]),  # tree not run
+        (["tree_switch"], ["tree_switch"], ["tree_switch_frozen_router"]),
+    ],
+)
+def test_capacity_gives_each_controlled_tree_its_own_frozen_router_arm(tree_arms, frozen_router_of, controls):
+    settings = capacity.CapacitySettings(tree_arms=tree_arms, frozen_router_of=frozen_router_of)
+    settings.validate()
+    arms = capacity.study_arms(settings, {})
+    frozen = [a for a in arms if a.freeze_router]
+    assert [a.key for a in frozen] == controls
+    for control in frozen:
+        tree = next(a for a in arms if a.roles == ("tree",) and control.roles == (f"frozen_router:{a.key}",))
+        assert (control.arm.rank, control.arm.options, control.training) == (
+            tree.arm.rank,
+            tree.arm.options,
+            tree.training,
+        )
+
+
+def test_capacity_refuses_a_frozen_router_control_of_a_tree_it_does_not_train():
+    settings = capacity.CapacitySettings(tree_arms=["tree"], frozen_router_of=["tree_path"])
+    with pytest.raises(TreeLoraUsageError, match="--frozen-router-of.*tree_path.*--tree-arms \\['tree'\\]"):
+        settings.validate()

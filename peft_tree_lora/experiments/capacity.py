@@ -36,11 +36,13 @@ from .capacity_scoring import (  # noqa: F401  (compute_matched_rank and lora_pa
     score_run,
 )
 from .capacity_variants import (  # noqa: F401  (ROUTERS_2X and TreeVariant are used by others)
+    DEFAULT_FROZEN_ROUTER_OF,
     DEFAULT_TREE_ARMS,
     FROZEN_ROUTER_KEY,
     ROUTERS_2X,
     TREE_VARIANTS,
     TreeVariant,
+    frozen_router_key,
 )
 from .capacity_verdict import summarise, verdict
 from .common import DOCS_DIR, Arm, command_line, versions, write_json
@@ -87,6 +89,13 @@ class CapacitySettings:
         },
     )
     frozen_router: bool = True
+    frozen_router_of: list[str] = field(
+        default_factory=lambda: list(DEFAULT_FROZEN_ROUTER_OF),
+        metadata={
+            "choices": [v.key for v in TREE_VARIANTS],
+            "help": "tree arms that get a frozen-router control, of those --tree-arms runs; ",
+        },
+    )
     rank: int = 1
     depth: int = 3
     epochs: int = 60
@@ -142,13 +151,24 @@ class CapacitySettings:
             raise TreeLoraUsageError(
                 f"--tree-arms needs one or more distinct names from {known}; got {self.tree_arms}."
             )
+        explicit = [key for key in self.frozen_router_of if key not in DEFAULT_FROZEN_ROUTER_OF]
+        missing = [key for key in explicit if key not in self.tree_arms]
+        if missing or len(set(self.frozen_router_of)) != len(self.frozen_router_of):
+            raise TreeLoraUsageError(
+                "--frozen-router-of needs distinct tree arms that --tree-arms also runs (a control is compared with "
+                f"its own trained tree); got {self.frozen_router_of} with --tree-arms {self.tree_arms}."
+            )
+
+    def controlled_trees(self) -> list[str]:
+        """The tree arms that get a frozen-router control: those of `frozen_router_of` this run trains."""
+        return [key for key in self.frozen_router_of if key in self.tree_arms] if self.frozen_router else []
 
 
 @dataclass(frozen=True)
 class StudyArm:
     """An arm of the study: its adapter (`arm`), its roles (`lora_r`, `lora_all_leaves`, `compute_matched:<tree>`,
-    `tree`, `frozen_router`), runner settings on top of the shared ones, and for the control whether its routers are
-    frozen after the adapter is attached."""
+    `tree`, `frozen_router:<tree>`), runner settings on top of the shared ones, and for a control whether its
+    routers are frozen after the adapter is attached."""
 
     arm: Arm
     roles: tuple[str, ...]
@@ -188,7 +208,8 @@ def checked_config(arm: Arm) -> PeftConfig:
 
 def study_arms(settings: CapacitySettings, matched: dict[str, dict[str, int]]) -> list[StudyArm]:
     """LoRA r, each tree's compute-matched LoRA and LoRA r * 2**d (one arm per distinct rank, holding every role that
-    rank plays), the chosen tree variants, then the frozen-router control (the default tree, routers frozen)."""
+    rank plays), the chosen tree variants, then a frozen-router control (the same tree, routers frozen at init) of each
+    tree of `frozen_router_of`."""
     lora_roles: dict[int, list[str]] = {}
     roles = [("lora_r", settings.rank), ("lora_all_leaves", settings.rank * 2**settings.depth)]
     roles += [(f"compute_matched:{key}", figures["rank"]) for key, figures in matched.items()]
@@ -199,17 +220,17 @@ def study_arms(settings: CapacitySettings, matched: dict[str, dict[str, int]]) -
         for rank, roles in sorted(lora_roles.items())
     ]
     arms += [StudyArm(tree_arm(key, settings), ("tree",), variant(key).training) for key in settings.tree_arms]
-    if settings.frozen_router:
-        default = tree_arm(TREE_VARIANTS[0].key, settings)
+    for key in settings.controlled_trees():
+        tree = tree_arm(key, settings)
         control = Arm(
-            FROZEN_ROUTER_KEY,
-            f"{default.label}, routers frozen at init",
+            frozen_router_key(key),
+            f"{tree.label}, routers frozen at init",
             "tree",
-            default.rank,
-            default.depth,
-            options=default.options,
+            tree.rank,
+            tree.depth,
+            options=tree.options,
         )
-        arms.append(StudyArm(control, ("frozen_router",), freeze_router=True))
+        arms.append(StudyArm(control, (f"frozen_router:{key}",), variant(key).training, freeze_router=True))
     return arms
 
 
@@ -306,7 +327,9 @@ def run_capacity(settings: CapacitySettings, out_dir: Path = DOCS_DIR, show_prog
         for study_arm in arms:
             _say(f"seed {seed}: N={settings.people}, {study_arm.arm.label}", show_progress)
             run = train_arm(study_arm, data, chosen[study_arm.key], settings, tokenizer, show_progress)
-            matched_rank = next((matched[r.split(":")[1]] for r in study_arm.roles if ":" in r), None)
+            matched_rank = next(
+                (matched[r.split(":")[1]] for r in study_arm.roles if r.startswith("compute_matched:")), None
+            )
             if matched_rank is not None and run["trainable_params"] != study_arm.arm.rank * matched_rank["per_rank"]:
                 raise RuntimeError(
                     f"LoRA r={study_arm.arm.rank} trains {run['trainable_params']:,} parameters, not "

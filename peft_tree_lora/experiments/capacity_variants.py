@@ -70,4 +70,10 @@ TREE_VARIANTS: list[TreeVariant] = [
     ),
 ]
 DEFAULT_TREE_ARMS = ("tree", "tree_router_lr2", "tree_block_r2", "tree_sequence", "tree_soft")
+DEFAULT_FROZEN_ROUTER_OF = ("tree", "tree_block_r2")
 FROZEN_ROUTER_KEY = "tree_frozen_router"
+
+
+def frozen_router_key(tree_key: str) -> str:
+    """The arm key of `tree_key`'s frozen-router control (the default tree's keeps its historical name)."""
+    return FROZEN_ROUTER_KEY if tree_key == "tree" else f"{tree_key}_frozen_router"

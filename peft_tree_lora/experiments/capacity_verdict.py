@@ -57,8 +57,8 @@ def compare_by_seed(runs: list[dict[str, Any]], key: str, other: str, metric: st
 
 
 def verdict(data: dict[str, Any]) -> dict[str, Any]:
-    """The study's answer: every tree variant against its own compute-matched LoRA, the default tree against the
-    frozen-router control, each tree's recall as a share of LoRA r * 2**d's, the capacity check of LoRA r, and the
+    """The study's answer: every tree variant against its own compute-matched LoRA and against its frozen-router
+    control where it has one, each tree's recall as a share of LoRA r * 2**d's, the capacity check of LoRA r, and the
     gap between serving one leaf and mixing every leaf of the same trained tree."""
     runs, roles, summary = data["runs"], data["roles"], data["summary"]
     labels = {a["key"]: a["label"] for a in data["arms"]}
@@ -90,14 +90,20 @@ def verdict(data: dict[str, Any]) -> dict[str, Any]:
             + (f", paired s.e. {c['paired_standard_error']:.1%}" if len(c["seeds"]) >= 2 else "")
             + ")."
         )
-    control = roles.get("frozen_router")
-    if control in mean:
-        c = compare_by_seed(runs, default, control)
-        result["frozen_router"] = c
+    result["frozen_router"] = {}
+    controls = {key: roles.get(f"frozen_router:{key}") for key in trees}
+    controls[default] = controls[default] or roles.get("frozen_router")  # older files name one control
+    for key, control in controls.items():
+        if control not in mean:
+            continue
+        c = compare_by_seed(runs, key, control)
+        result["frozen_router"][key] = c
         sentences.append(
-            f"The default tree against the frozen-router control ({recall_text(control)}): ahead on every seed by "
+            f"{labels[key]} against its frozen-router control ({recall_text(control)}): ahead on every seed by "
             f"more than the spread ({c['spread']:.1%})? {outcome(c)} ("
             + ", ".join(f"{d:+.1%}" for d in c["differences"])
+            + f"; mean {c['mean_difference']:+.1%}"
+            + (f", paired s.e. {c['paired_standard_error']:.1%}" if len(c["seeds"]) >= 2 else "")
             + ")."
         )
     narrow, wide = roles.get("lora_r"), roles.get("lora_all_leaves")
@@ -118,7 +124,7 @@ def verdict(data: dict[str, Any]) -> dict[str, Any]:
     gaps = [
         f"{labels[k]} {summary[k]['soft_minus_hard_recall']['mean']:+.1%} recall, "
         f"{summary[k]['soft_minus_hard_loss']['mean']:+.3f} loss"
-        for k in [*trees, control]
+        for k in [*trees, *controls.values()]
         if k in summary and "soft_minus_hard_recall" in summary[k]
     ]
     if gaps:

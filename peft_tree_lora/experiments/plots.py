@@ -142,7 +142,7 @@ def plot_capacity(data: dict[str, Any], path: Path) -> None:
         if arm["kind"] == "lora":
             colour = ("tab:blue", "tab:green", "tab:cyan", "navy", "teal")[min(lora_seen, 4)]
             lora_seen += 1
-        elif "frozen_router" in arm.get("roles", []):
+        elif any(role.startswith("frozen_router") for role in arm.get("roles", [])):
             colour = "tab:gray"
         else:
             colour = ("tab:red", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive")[tree_seen % 6]

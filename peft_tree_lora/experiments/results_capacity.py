@@ -49,11 +49,12 @@ def _capacity_section(data: dict[str, Any]) -> list[str]:
             f"{labels[k]} {m['tree_active_per_token']:,} -> LoRA r={m['rank']} ({m['rank'] * m['per_rank']:,})"
             for k, m in matched.items()
         )
-        + ". The frozen-router control is the default tree with every router parameter frozen at its random "
-        "initialisation. **Served** figures are the model in evaluation mode with the adapter's own inference "
-        "routing (one leaf per token or sequence); the **mixed** columns evaluate the same trained tree with every "
-        "leaf mixed by its path probability (what soft training trains; for hard training a different function)."
-        + (f" Tree variants defined but not run: {', '.join(planned)}." if planned else ""),
+        + ". A frozen-router control is a tree variant with every router parameter frozen at its random "
+        "initialisation (same rank, depth, routing and learning-rate rule), so that it keeps the leaves and "
+        "loses only learnt routes. **Served** figures are the model in evaluation mode with the adapter's own "
+        "inference routing (one leaf per token or sequence); the **mixed** columns evaluate the same trained tree "
+        "with every leaf mixed by its path probability (what soft training trains; for hard training a different "
+        "function)." + (f" Tree variants defined but not run: {', '.join(planned)}." if planned else ""),
         "",
         *_reproduce(data),
         f"![held-out recall per arm and against active parameters per token]({data.get('plot', 'capacity.png')})",
@@ -80,7 +81,11 @@ def _capacity_section(data: dict[str, Any]) -> list[str]:
             return f"{f['mean']:.{digits}f} [{f['min']:.{digits}f}, {f['max']:.{digits}f}]"
 
         roles = ", ".join(
-            f"compute-matched to {role.split(':', 1)[1]}" if role.startswith("compute_matched:") else ROLE_NAMES[role]
+            f"compute-matched to {role.split(':', 1)[1]}"
+            if role.startswith("compute_matched:")
+            else f"control: {role.split(':', 1)[1]} with routers frozen"
+            if role.startswith("frozen_router:")
+            else ROLE_NAMES[role]
             for role in arm["roles"]
         )
         lines.append(
