@@ -13,7 +13,7 @@ from peft import get_peft_model
 
 from benchmarks.tree_lora_bench import configure_parser, run
 from peft_tree_lora import TreeLoraConfig
-from peft_tree_lora.tuner import grouped, leaves, routing
+from peft_tree_lora.tuner import TreeRouter, grouped, leaves, routing
 
 IN, OUT, RANK = 24, 40, 4
 SCALING = 1.5
@@ -208,9 +208,22 @@ def test_descent_through_routers_matches_full_logit_descent(depth, rows):
     assert torch.equal(routing.descend(x, weight, bias, depth), expected)
 
 
-def test_router_logits_equal_a_plain_linear_layer():
-    x, weight, bias = torch.randn(9, IN), torch.randn(15, IN), torch.randn(15)
-    torch.testing.assert_close(routing.router_logits(x, weight, bias), x @ weight.T + bias, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("input_norm", [False, True])
+@pytest.mark.parametrize("shape", [(9,), (2, 5), (700,)], ids=["rows", "batch-tokens", "padded-to-16-routers"])
+def test_router_logits_equal_a_plain_linear_layer_on_the_optionally_normalised_input(input_norm, shape):
+    x, weight, bias = 0.3 * torch.randn(*shape, IN), torch.randn(15, IN), torch.randn(15)
+    routing_input = x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() if input_norm else x
+    expected = routing_input @ weight.T + bias
+    torch.testing.assert_close(routing.router_logits(x, weight, bias, input_norm), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("depth", [2, 4, 6])
+def test_a_routers_hard_leaf_is_the_descent_of_its_own_logits(depth):
+    """Serving (`leaf`) and training (logits, then descent) must pick the same leaf for every row."""
+    router = TreeRouter(IN, depth)
+    x = torch.randn(300, IN)
+    assert torch.equal(router.leaf(x), routing.descend_logits(router(x), depth))
+    assert torch.equal(router.leaf(x[:3]), routing.descend_logits(router(x[:3]), depth))
 
 
 def simple_kernels(monkeypatch):

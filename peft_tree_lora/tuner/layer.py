@@ -147,7 +147,10 @@ class TreeLoraLinear(nn.Module, TreeLoraLayer):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This adapter's change to the output for input `x`, and the routers' weighted auxiliary loss (training)."""
         lora_A, lora_B = self.leaf_factors(adapter)
-        leaf_input = self.treelora_dropout[adapter](self._cast_input_dtype(x, lora_A.dtype))
+        dropout = self.treelora_dropout[adapter]
+        leaf_input = self._cast_input_dtype(x, lora_A.dtype)
+        if not isinstance(dropout, nn.Identity):  # a module call costs what a decoding step's leaf product does
+            leaf_input = dropout(leaf_input)
         fixed_leaf = 0 if self.depth[adapter] == 0 else self.pinned_leaf.get(adapter)
         if fixed_leaf is not None:
             return apply_one_leaf(leaf_input, lora_A[fixed_leaf], lora_B[fixed_leaf], self.scaling[adapter]), None

@@ -45,12 +45,14 @@ class TreeRouter(nn.Module):
         return rms_normalized(x.to(self.weight.dtype)) if self.input_norm else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return router_logits(self.router_input(x), self.weight, self.bias)
+        return router_logits(x, self.weight, self.bias, self.input_norm)
 
-    @torch.no_grad()
     def leaf(self, x: torch.Tensor) -> torch.Tensor:
         """Hard leaf per row of `x` (`rows, in`); deep trees evaluate only the routers on each row's way down."""
-        return descend(self.router_input(x).to(self.weight.dtype), self.weight, self.bias, self.depth)
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self.leaf(x)
+        return descend(x.to(self.weight.dtype), self.weight, self.bias, self.depth, self.input_norm)
 
     def leaf_and_logits(self, x: torch.Tensor, with_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The hard leaf per row, and the logits of every node when `with_logits` (training, soft evaluation, or a

@@ -56,24 +56,34 @@ def descend_logits(logits: torch.Tensor, depth: int) -> torch.Tensor:
     """Hard leaf index (`...`, int64) from the logits of every node (`..., 2**d - 1`): right where logit >= 0."""
     if depth == 0:
         return torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    nodes = num_nodes(depth)
+    if logits.shape[-1] != nodes:
+        logits = logits[..., :nodes]
     if depth <= SIGN_TABLE_MAX_DEPTH:
-        signs = (logits[..., : num_nodes(depth)] >= 0).to(torch.float32)
-        code = F.linear(signs, _sign_weights(depth, logits.device)).squeeze(-1)  # exact: at most 15 bits
-        return _leaf_table(depth, logits.device).index_select(0, code.long().flatten()).view(code.shape)
+        signs = (logits >= 0).to(torch.float32)
+        table = _leaf_table(depth, logits.device)
+        if signs.dim() == 2:  # the common case, in as few operations as it takes (decoding is dispatch-bound)
+            return table.index_select(0, torch.mv(signs, _sign_weights(depth, logits.device)).long())
+        code = F.linear(signs, _sign_weights(depth, logits.device).unsqueeze(0)).squeeze(-1)  # exact: <= 15 bits
+        return table.index_select(0, code.long().flatten()).view(code.shape)
     # the child of node n is 2n + step, with step 1 (left) or 2 (right): two operations per level
     step = (logits >= 0).long().add_(1)
     node = step[..., :1]
     for _ in range(1, depth):
         node = torch.add(step.gather(-1, node), node, alpha=2)
-    return node.squeeze(-1) - num_nodes(depth)
+    return node.squeeze(-1) - nodes
 
 
-def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """`x @ weight.T + bias` (`..., nodes`), computed with `weight` padded to a multiple of 8 rows.
+def router_logits(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, input_norm: bool = False, eps: float = 1e-6
+) -> torch.Tensor:
+    """`x @ weight.T + bias` (`..., nodes`), or with `input_norm` the same for `x` divided by its root mean square
+    (`rms_normalized(x, eps)`), computed as `(x @ weight.T) / rms(x) + bias`: the same function in fewer operations,
+    since the few rows of a decoding step make this part cost what its operations cost, not what its FLOPs do.
 
-    CPU BLAS kernels are about three times slower for 15 or 31 output columns than for 16 or 32 (measured on the
-    benchmark machine), and a tree has `2**d - 1` routers: one zero row restores the fast width. The returned
-    tensor is a view of the first `nodes` columns.
+    Large inputs use `weight` padded to a multiple of 8 rows: CPU BLAS kernels are about three times slower for 15
+    or 31 output columns than for 16 or 32 (measured on the benchmark machine), and a tree has `2**d - 1` routers:
+    one zero row restores the fast width. The returned tensor is then a view of the first `nodes` columns.
 
     Autocast is switched off here: in bf16 the routers' decisions near 0.5 and the load-balance loss lose most of
     their precision (measured: the load-balance term of a depth-2 tree went from 0.00483 to 0.00446, and to a
@@ -84,17 +94,30 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
     if padding:
         weight = F.pad(weight, (0, 0, 0, padding))
         bias = F.pad(bias, (0, padding))
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        return F.linear(x.to(weight.dtype), weight, bias)[..., :nodes]
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = _logits(x.to(weight.dtype), weight, bias, input_norm, eps)
+    else:
+        logits = _logits(x.to(weight.dtype), weight, bias, input_norm, eps)
+    return logits[..., :nodes] if padding else logits
 
 
-@torch.no_grad()
-def descend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, depth: int) -> torch.Tensor:
-    """Hard leaf index for each row of `x` (`T, in`) through routers `weight` (`2**d - 1, in`) and `bias`.
+def _logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, input_norm: bool, eps: float) -> torch.Tensor:
+    if not input_norm:
+        return F.linear(x, weight, bias)
+    inverse_rms = torch.rsqrt(torch.linalg.vecdot(x, x).div_(x.shape[-1]).add_(eps)).unsqueeze(-1)
+    return torch.addcmul(bias, F.linear(x, weight), inverse_rms)
+
+
+def descend(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, depth: int, input_norm: bool = False
+) -> torch.Tensor:
+    """Hard leaf index for each row of `x` (`T, in`) through routers `weight` (`2**d - 1, in`) and `bias`, reading
+    `x` divided by its RMS when `input_norm`. No gradient flows through a hard decision.
 
     Small trees evaluate every router in one matmul. Deep trees evaluate the top `ceil(d/2)` levels in full, then
     each row evaluates only the routers of its subtree (one grouped matmul over rows sorted by subtree), so the
-    router cost grows like `2**(d/2)`, not `2**d`. No gradient flows through a hard decision.
+    router cost grows like `2**(d/2)`, not `2**d`.
     """
     rows = x.shape[0]
     if depth == 0:
@@ -105,7 +128,9 @@ def descend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, depth: in
         and grouped_mm_usable(x, weight)
     )
     if not split:
-        return descend_logits(router_logits(x, weight, bias), depth)
+        return descend_logits(router_logits(x, weight, bias, input_norm), depth)
+    if input_norm:
+        x = rms_normalized(x)
     top = (depth + 1) // 2
     # rows 0..15 hold the top 15 routers and one more: an extra column that descend_logits never reads (fast width)
     top_rows = 2**top
@@ -119,20 +144,20 @@ def descend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, depth: in
     return subtree * 2 ** (depth - top) + descend_logits(sorted_logits.index_select(0, inverse), depth - top)
 
 
-_SIGN_TABLES: dict[tuple[str, int, str], torch.Tensor] = {}
+_SIGN_TABLES: dict[tuple[str, int, torch.device], torch.Tensor] = {}
 
 
 def _sign_weights(depth: int, device: torch.device) -> torch.Tensor:
-    """`(1, 2**d - 1)` powers of two: node `n`'s sign is bit `n` of a row's code."""
-    key = ("weights", depth, str(device))
+    """`(2**d - 1,)` powers of two: node `n`'s sign is bit `n` of a row's code."""
+    key = ("weights", depth, device)
     if key not in _SIGN_TABLES:
-        _SIGN_TABLES[key] = (2.0 ** torch.arange(num_nodes(depth))).unsqueeze(0).to(device)
+        _SIGN_TABLES[key] = (2.0 ** torch.arange(num_nodes(depth))).to(device)
     return _SIGN_TABLES[key]
 
 
 def _leaf_table(depth: int, device: torch.device) -> torch.Tensor:
     """The leaf reached for every sign code (see `_sign_weights`), found by walking the tree level by level."""
-    key = ("leaves", depth, str(device))
+    key = ("leaves", depth, device)
     if key not in _SIGN_TABLES:
         nodes = num_nodes(depth)
         code = torch.arange(2**nodes)
