@@ -94,20 +94,27 @@ def test_hard_kernel_applies_only_each_rows_leaf(kernel, depth, rows):
 
 
 @pytest.mark.parametrize("kernel", list(HARD_KERNELS))
-@pytest.mark.parametrize("depth", [1, 4])
+@pytest.mark.parametrize("depth", [0, 1, 4])
 @pytest.mark.parametrize("rows", [3, 200])
-def test_hard_kernel_gradients_match_reference(kernel, depth, rows):
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "row-weighted"])
+def test_hard_kernel_output_and_gradients_match_reference(kernel, depth, rows, weighted):
+    """With a weight per row (switch training's path probability) too: the output is the row's leaf times its
+    weight, and the weight gets its gradient."""
     if kernel == "grouped" and not hasattr(torch.nn.functional, "grouped_mm"):
         pytest.skip("this torch has no grouped_mm")
     lora_A, lora_B = leaf_tensors(depth, requires_grad=True)
     x = torch.randn(rows, IN, requires_grad=True)
     leaf = some_leaves(rows, depth)
-    fast = HARD_KERNELS[kernel](x, lora_A, lora_B, leaf, SCALING)
+    row_weight = torch.rand(rows, requires_grad=True) if weighted else None
+    inputs = (x, lora_A, lora_B) + ((row_weight,) if weighted else ())
+    fast = HARD_KERNELS[kernel](x, lora_A, lora_B, leaf, SCALING, row_weight)
     slow = reference_per_row(x, lora_A, lora_B, leaf, SCALING)
+    if weighted:
+        slow = slow * row_weight.unsqueeze(-1)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
     upstream = torch.randn_like(slow)
     for fast_grad, slow_grad in zip(
-        torch.autograd.grad(fast, (x, lora_A, lora_B), upstream),
-        torch.autograd.grad(slow, (x, lora_A, lora_B), upstream),
+        torch.autograd.grad(fast, inputs, upstream), torch.autograd.grad(slow, inputs, upstream)
     ):
         torch.testing.assert_close(fast_grad, slow_grad, rtol=1e-4, atol=1e-4)
 
@@ -157,6 +164,8 @@ def test_grouped_kernel_passes_torch_library_opcheck():
     lora_A, lora_B = leaf_tensors(3, requires_grad=True)
     x = torch.randn(30, IN, requires_grad=True)
     torch.library.opcheck(grouped.grouped_leaves, (x, lora_A, lora_B, some_leaves(30, 3), SCALING))
+    row_weight = torch.rand(30, requires_grad=True)
+    torch.library.opcheck(grouped.grouped_leaves, (x, lora_A, lora_B, some_leaves(30, 3), SCALING, row_weight))
 
 
 @pytest.mark.parametrize("per_sequence", [False, True])
@@ -178,13 +187,20 @@ def test_mix_gradient_equals_the_gradient_of_adding_and_subtracting_the_soft_mix
 
 
 @pytest.mark.parametrize("depth", [0, 1, 3, 5])
-def test_per_sequence_kernel_applies_each_sequences_leaf(depth):
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "sequence-weighted"])
+def test_per_sequence_kernel_applies_each_sequences_leaf(depth, weighted):
     lora_A, lora_B = leaf_tensors(depth)
     x = torch.randn(4, 6, IN)
     leaf = some_leaves(4, depth)
-    fast = leaves.apply_leaf_per_sequence(x, lora_A, lora_B, leaf, SCALING)
-    for b, k in enumerate(leaf.tolist()):
-        torch.testing.assert_close(fast[b], SCALING * x[b] @ lora_A[k].T @ lora_B[k].T, rtol=1e-4, atol=1e-4)
+    row_weight = torch.rand(4, requires_grad=True) if weighted else None
+    fast = leaves.apply_leaf_per_sequence(x, lora_A, lora_B, leaf, SCALING, row_weight)
+    slow = torch.stack([SCALING * x[b] @ lora_A[k].T @ lora_B[k].T for b, k in enumerate(leaf.tolist())])
+    if weighted:
+        slow = slow * row_weight.view(4, 1, 1)
+        upstream = torch.randn_like(slow)
+        (fast_grad,), (slow_grad,) = (torch.autograd.grad(y, (row_weight,), upstream) for y in (fast, slow))
+        torch.testing.assert_close(fast_grad, slow_grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("depth", [1, 2, 4, 8])

@@ -50,55 +50,84 @@ def _transposed(weight: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("peft_tree_lora::grouped_leaves", mutates_args=())
 def grouped_leaves(
-    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, leaf: torch.Tensor, scaling: float
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    leaf: torch.Tensor,
+    scaling: float,
+    row_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`scaling * B[leaf[i]] @ A[leaf[i]] @ x[i]` for every row `i` of `x` (`T, in`)."""
+    """`scaling * w[i] * B[leaf[i]] @ A[leaf[i]] @ x[i]` for every row `i` of `x` (`T, in`), with `w` the optional
+    `row_weight` (`T`), applied in the rank space."""
     order, inverse, ends = _grouping(leaf, lora_A.shape[0])
     lora_A, lora_B = _pad(lora_A, lora_B)
     hidden = F.grouped_mm(x.index_select(0, order), _transposed(lora_A), offs=ends)
-    if scaling != 1.0:
-        hidden = hidden * scaling
+    hidden = hidden * _rank_scale(scaling, row_weight, order, hidden.dtype)
     return F.grouped_mm(hidden, _transposed(lora_B), offs=ends).index_select(0, inverse)
 
 
 @grouped_leaves.register_fake
-def _(x, lora_A, lora_B, leaf, scaling):
+def _(x, lora_A, lora_B, leaf, scaling, row_weight=None):
     return x.new_empty(x.shape[0], lora_B.shape[1])
+
+
+def _rank_scale(
+    scaling: float, row_weight: torch.Tensor | None, order: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor | float:
+    """What the sorted rank activations are multiplied by: the scaling, times each row's weight if there is one."""
+    if row_weight is None:
+        return scaling
+    return (row_weight.index_select(0, order) * scaling).to(dtype).unsqueeze(-1)
 
 
 @torch.library.custom_op("peft_tree_lora::grouped_leaves_backward", mutates_args=())
 def grouped_leaves_backward(
-    grad: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, leaf: torch.Tensor, scaling: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of `grouped_leaves` with respect to `x`, `lora_A` and `lora_B`."""
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    leaf: torch.Tensor,
+    scaling: float,
+    row_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `grouped_leaves` with respect to `x`, `lora_A`, `lora_B` and `row_weight` (empty without)."""
     rank = lora_A.shape[1]
     order, inverse, ends = _grouping(leaf, lora_A.shape[0])
     lora_A, lora_B = _pad(lora_A, lora_B)
     sorted_x = x.index_select(0, order)
     sorted_grad = grad.index_select(0, order)  # a new, dense tensor whatever the strides of `grad`
-    hidden = F.grouped_mm(sorted_x, _transposed(lora_A), offs=ends) * scaling  # (T, r), as in the forward
-    grad_hidden = F.grouped_mm(sorted_grad, lora_B, offs=ends) * scaling  # (T, r) before the scaling
-    grad_B = F.grouped_mm(sorted_grad.t(), hidden, offs=ends)  # (L, out, r)
+    scale = _rank_scale(scaling, row_weight, order, x.dtype)
+    raw_hidden = F.grouped_mm(sorted_x, _transposed(lora_A), offs=ends)  # (T, r), before any scaling
+    grad_scaled_hidden = F.grouped_mm(sorted_grad, lora_B, offs=ends)  # (T, r)
+    grad_B = F.grouped_mm(sorted_grad.t(), raw_hidden * scale, offs=ends)  # (L, out, r)
+    grad_hidden = grad_scaled_hidden * scale
     grad_A = F.grouped_mm(grad_hidden.t(), sorted_x, offs=ends)  # (L, r, in)
     grad_x = F.grouped_mm(grad_hidden, lora_A, offs=ends).index_select(0, inverse)
-    return grad_x, grad_A[:, :rank].contiguous(), grad_B[..., :rank].contiguous()
+    if row_weight is None:
+        grad_row_weight = x.new_empty(0)
+    else:
+        grad_row_weight = ((grad_scaled_hidden * raw_hidden).sum(-1) * scaling).index_select(0, inverse)
+        grad_row_weight = grad_row_weight.to(row_weight.dtype)
+    return grad_x, grad_A[:, :rank].contiguous(), grad_B[..., :rank].contiguous(), grad_row_weight
 
 
 @grouped_leaves_backward.register_fake
-def _(grad, x, lora_A, lora_B, leaf, scaling):
-    return torch.empty_like(x), torch.empty_like(lora_A), torch.empty_like(lora_B)
+def _(grad, x, lora_A, lora_B, leaf, scaling, row_weight=None):
+    grad_row_weight = x.new_empty(0) if row_weight is None else torch.empty_like(row_weight)
+    return torch.empty_like(x), torch.empty_like(lora_A), torch.empty_like(lora_B), grad_row_weight
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, lora_A, lora_B, leaf, scaling = inputs
-    ctx.save_for_backward(x, lora_A, lora_B, leaf)
+    x, lora_A, lora_B, leaf, scaling, row_weight = inputs
+    ctx.save_for_backward(x, lora_A, lora_B, leaf, row_weight)
     ctx.scaling = scaling
 
 
 def _backward(ctx, grad):
-    x, lora_A, lora_B, leaf = ctx.saved_tensors
-    grad_x, grad_A, grad_B = grouped_leaves_backward(grad, x, lora_A, lora_B, leaf, ctx.scaling)
-    return grad_x, grad_A, grad_B, None, None
+    x, lora_A, lora_B, leaf, row_weight = ctx.saved_tensors
+    grads = grouped_leaves_backward(grad, x, lora_A, lora_B, leaf, ctx.scaling, row_weight)
+    grad_x, grad_A, grad_B, grad_row_weight = grads
+    return grad_x, grad_A, grad_B, None, None, None if row_weight is None else grad_row_weight
 
 
 grouped_leaves.register_autograd(_backward, setup_context=_setup_context)

@@ -48,62 +48,93 @@ def mix_leaves(
 
 
 def apply_leaf_per_row(
-    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, leaf: torch.Tensor, scaling: float = 1.0
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    leaf: torch.Tensor,
+    scaling: float = 1.0,
+    row_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`scaling * B_leaf[i] A_leaf[i] x[i]` for every row `i` of `x` (`T, in`): only each row's leaf is computed."""
+    """`scaling * w[i] * B_leaf[i] A_leaf[i] x[i]` for every row `i` of `x` (`T, in`): only each row's leaf is
+    computed. The optional `row_weight` `w` (`T`, e.g. the path probability of the row's leaf) is applied to the
+    rank activations, `r` numbers per row, rather than to the output (and its gradient comes from them too)."""
     num_leaves = lora_A.shape[0]
     rows = x.shape[0]
     if rows == 0:
         return x.new_zeros(0, lora_B.shape[1])
     if num_leaves == 1:
-        return F.linear(_scaled(F.linear(x, lora_A[0]), scaling), lora_B[0])
+        return F.linear(_scaled(F.linear(x, lora_A[0]), scaling, row_weight), lora_B[0])
     if rows <= GATHER_MAX_ROWS:
-        return gathered(x, lora_A, lora_B, leaf, scaling)
+        return gathered(x, lora_A, lora_B, leaf, scaling, row_weight)
     if num_leaves <= MASKED_DENSE_MAX_LEAVES:
-        return masked_dense(x, lora_A, lora_B, leaf, scaling)
+        return masked_dense(x, lora_A, lora_B, leaf, scaling, row_weight)
     if USE_GROUPED_MM and grouped_leaves_usable(x, lora_A, lora_B):
         if num_leaves <= GROUPED_MM_MAX_LEAVES_PER_ROW * rows:
-            return grouped(x, lora_A, lora_B, leaf, scaling)
+            return grouped(x, lora_A, lora_B, leaf, scaling, row_weight)
     if x.device.type != "cpu":
-        return masked_dense(x, lora_A, lora_B, leaf, scaling)
-    return grouped_by_loop(x, lora_A, lora_B, leaf, scaling)
+        return masked_dense(x, lora_A, lora_B, leaf, scaling, row_weight)
+    return grouped_by_loop(x, lora_A, lora_B, leaf, scaling, row_weight)
 
 
 def gathered(
-    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, leaf: torch.Tensor, scaling: float = 1.0
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    leaf: torch.Tensor,
+    scaling: float = 1.0,
+    row_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     hidden = torch.bmm(lora_A.index_select(0, leaf), x.unsqueeze(-1))  # (T, r, 1); index_select beats A[leaf]
-    return torch.bmm(lora_B.index_select(0, leaf), _scaled(hidden, scaling)).squeeze(-1)
+    weight = None if row_weight is None else row_weight.unsqueeze(-1)
+    return torch.bmm(lora_B.index_select(0, leaf), _scaled(hidden, scaling, weight)).squeeze(-1)
 
 
 def masked_dense(
-    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, leaf: torch.Tensor, scaling: float = 1.0
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    leaf: torch.Tensor,
+    scaling: float = 1.0,
+    row_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     num_leaves, rank, in_features = lora_A.shape
     hidden = F.linear(x, lora_A.reshape(num_leaves * rank, in_features)).view(-1, num_leaves, rank)
     keep = (leaf.unsqueeze(1) == torch.arange(num_leaves, device=leaf.device)).to(hidden.dtype)
-    hidden = hidden * _scaled(keep, scaling).unsqueeze(-1)
+    hidden = hidden * _scaled(keep, scaling, row_weight).unsqueeze(-1)
     return F.linear(hidden.flatten(1), lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], num_leaves * rank))
 
 
 def grouped(
-    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, leaf: torch.Tensor, scaling: float = 1.0
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    leaf: torch.Tensor,
+    scaling: float = 1.0,
+    row_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return grouped_leaves(x, lora_A, lora_B, leaf, float(scaling))
+    return grouped_leaves(x, lora_A, lora_B, leaf, float(scaling), row_weight)
 
 
 def grouped_by_loop(
-    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, leaf: torch.Tensor, scaling: float = 1.0
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    leaf: torch.Tensor,
+    scaling: float = 1.0,
+    row_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     order, inverse = _sorting(leaf)
     counts = torch.bincount(leaf, minlength=lora_A.shape[0]).tolist()  # one host sync: the loop needs the sizes
     sorted_x = x.index_select(0, order)
+    sorted_weight = None if row_weight is None else row_weight.index_select(0, order)
     pieces = []
     start = 0
     for k, count in enumerate(counts):
         if count:
-            hidden = F.linear(sorted_x[start : start + count], lora_A[k])
-            pieces.append(F.linear(_scaled(hidden, scaling), lora_B[k]))
+            rows = slice(start, start + count)
+            hidden = F.linear(sorted_x[rows], lora_A[k])
+            weight = None if sorted_weight is None else sorted_weight[rows]
+            pieces.append(F.linear(_scaled(hidden, scaling, weight), lora_B[k]))
             start += count
     return torch.cat(pieces).index_select(0, inverse)
 
@@ -116,9 +147,14 @@ def _sorting(leaf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order, inverse
 
 
-def _scaled(hidden: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Scaling in the rank space: r numbers per row instead of `out`."""
-    return hidden if scaling == 1.0 else hidden * scaling
+def _scaled(hidden: torch.Tensor, scaling: float, row_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaling (and a weight per row, `row_weight` broadcast over the last dimension) in the rank space: r numbers
+    per row instead of `out`."""
+    if row_weight is not None:
+        hidden = hidden * (row_weight.to(hidden.dtype) * scaling).unsqueeze(-1)
+    elif scaling != 1.0:
+        hidden = hidden * scaling
+    return hidden
 
 
 def grouped_mm_usable(*tensors: torch.Tensor) -> bool:
@@ -135,13 +171,20 @@ def grouped_mm_usable(*tensors: torch.Tensor) -> bool:
 
 
 def apply_leaf_per_sequence(
-    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, leaf: torch.Tensor, scaling: float = 1.0
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    leaf: torch.Tensor,
+    scaling: float = 1.0,
+    row_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`scaling * B_leaf[b] A_leaf[b] x[b]` for `x` (`B, T, in`) and one leaf per sequence `b`."""
+    """`scaling * w[b] * B_leaf[b] A_leaf[b] x[b]` for `x` (`B, T, in`), one leaf per sequence `b` and an optional
+    weight per sequence `w` (`row_weight`, `B`), applied in the rank space."""
+    weight = None if row_weight is None else row_weight.unsqueeze(-1)  # (B, 1): broadcast over the tokens
     if lora_A.shape[0] == 1:
-        return F.linear(_scaled(F.linear(x, lora_A[0]), scaling), lora_B[0])
+        return F.linear(_scaled(F.linear(x, lora_A[0]), scaling, weight), lora_B[0])
     hidden = torch.bmm(x, lora_A.index_select(0, leaf).transpose(1, 2))  # (B, T, r)
-    return torch.bmm(_scaled(hidden, scaling), lora_B.index_select(0, leaf).transpose(1, 2))
+    return torch.bmm(_scaled(hidden, scaling, weight), lora_B.index_select(0, leaf).transpose(1, 2))
 
 
 def apply_one_leaf(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:

@@ -48,21 +48,17 @@ class Leaves:
     lora_B: torch.Tensor
     scaling: float
 
-    def served(self, x: torch.Tensor, route: Route) -> torch.Tensor:
-        """Each row's own leaf; `x` is `(rows, in)`, or `(batch, tokens, in)` for a per-sequence route."""
+    def served(self, x: torch.Tensor, route: Route, row_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Each row's own leaf, optionally weighted per row; `x` is `(rows, in)`, or `(batch, tokens, in)` for a
+        per-sequence route (whose `row_weight` is then one per sequence)."""
         apply = apply_leaf_per_sequence if route.per_sequence else apply_leaf_per_row
-        return apply(x, self.lora_A, self.lora_B, route.leaf, self.scaling)
+        return apply(x, self.lora_A, self.lora_B, route.leaf, self.scaling, row_weight)
 
     def mixed(self, x: torch.Tensor, weights: torch.Tensor, per_sequence: bool) -> torch.Tensor:
         return mix_leaves(x, self.lora_A, self.lora_B, weights.unsqueeze(1) if per_sequence else weights, self.scaling)
 
     def with_mix_gradient(self, served: torch.Tensor, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return with_mix_gradient(served, weights, x, self.lora_A, self.lora_B, self.scaling)
-
-
-def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`values` (`rows`) shaped to scale the rows of `like` (`rows, out` or `batch, tokens, out`)."""
-    return values.reshape(values.shape + (1,) * (like.dim() - values.dim())).to(like.dtype)
 
 
 # --- training routings ---------------------------------------------------------------------------------------------
@@ -114,8 +110,7 @@ class SwitchScaled:
     def delta(self, leaves: Leaves, x: torch.Tensor, route: Route, training: bool, soft_eval: bool) -> torch.Tensor:
         if soft_eval and not training:
             return leaves.mixed(x, route.leaf_weights(), route.per_sequence)
-        output = leaves.served(x, route)
-        return output * _per_row(route.chosen_prob(), output)
+        return leaves.served(x, route, route.chosen_prob())
 
 
 TRAINING_ROUTINGS = {mode.name: mode() for mode in (StraightThrough, SwitchScaled, SoftMixing)}
