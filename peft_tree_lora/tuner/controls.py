@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .call import RoutingCall, entered
+from .growth import grow_tree
 from .layer import TreeLoraLayer, TreeLoraLinear
 from .variants import TRAINING_ROUTINGS
 
@@ -87,6 +88,14 @@ class RoutingControls:
             yield
         finally:
             self.unpin_leaf(adapter_name)
+
+    def grow_tree(self, adapter_name: str | None = None, noise_std: float = 0.0, seed: int | None = None) -> None:
+        """Deepen the adapter by one level (upcycling): each leaf becomes two copies of itself under a new router,
+        so that with `noise_std=0` the model computes exactly what it did. The leaves and routers are new
+        parameters: create the optimizer or Trainer after growing. See `growth.py`."""
+        adapter = adapter_name or self.active_adapters[0]
+        self._check_adapter(adapter)
+        grow_tree(self, adapter, noise_std, seed)
 
     def _refuse_while_merged(self, adapter: str, action: str) -> None:
         if any(adapter in layer.merged_adapters for layer in self._tree_layers(adapter)):
