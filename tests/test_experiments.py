@@ -15,7 +15,7 @@ from transformers import TrainerControl
 
 from peft_tree_lora import TreeLoraConfig
 from peft_tree_lora.app.cli import main as cli_main
-from peft_tree_lora.experiments import capacity, capacity_verdict, facts
+from peft_tree_lora.experiments import capacity, capacity_variants, capacity_verdict, facts
 from peft_tree_lora.experiments.common import Arm
 from peft_tree_lora.experiments.facts import (
     ATTRIBUTES,
@@ -402,6 +402,7 @@ def test_capacity_stops_before_training_on_a_tree_arm_the_config_rejects(tmp_pat
     # on a version without them)
     variants = [replace(v, config=(("r", 0),)) if v.key == "tree_switch" else v for v in capacity.TREE_VARIANTS]
     monkeypatch.setattr(capacity, "TREE_VARIANTS", variants)
+    monkeypatch.setattr(capacity_variants, "TREE_VARIANTS", variants)
     out = tmp_path / "results"
     status = cli_main(
         ["experiment", "capacity", *TINY_MODEL, "--people", "4", "--background", "8", "--seeds", "0"]
@@ -438,4 +439,27 @@ def test_capacity_gives_each_controlled_tree_its_own_frozen_router_arm(tree_arms
 def test_capacity_refuses_a_frozen_router_control_of_a_tree_it_does_not_train():
     settings = capacity.CapacitySettings(tree_arms=["tree"], frozen_router_of=["tree_path"])
     with pytest.raises(TreeLoraUsageError, match="--frozen-router-of.*tree_path.*--tree-arms \\['tree'\\]"):
+        settings.validate()
+
+
+def test_capacity_grown_arm_trains_from_a_lora_in_depth_plus_one_stages_with_the_same_steps(tmp_path):
+    out = tmp_path / "results"
+    arms = ["--tree-arms", "tree_block_r2", "tree_block_r2_grown", "--no-frozen-router", "--lr-grid", "0.02"]
+    status = cli_main(
+        ["experiment", "capacity", *TINY_MODEL, "--people", "4", "--background", "8", "--background-epochs", "2"]
+        + ["--epochs", "6", "--batch-size", "4", "--seeds", "3", "--depth", "2", *arms, "--out", str(out), "--quiet"]
+    )
+    assert status == 0
+    runs = {run["arm"]: run for run in json.loads((out / "capacity.json").read_text())["runs"]}
+    grown, scratch = runs["tree_block_r2_grown"], runs["tree_block_r2"]
+    # the same adapter at the end (depth 2, rank 2, block routing), trained on the same data in 3 stages
+    assert grown["trainable_params"] == scratch["trainable_params"]
+    assert grown["active_params_per_token"] == scratch["active_params_per_token"]
+    assert scratch["steps"] - 2 <= grown["steps"] <= scratch["steps"]  # each stage rounds its share down
+    assert grown["recall"] != scratch["recall"] or grown["held_out_loss"] != scratch["held_out_loss"]
+
+
+def test_capacity_refuses_a_frozen_router_control_of_a_grown_tree():
+    settings = capacity.CapacitySettings(tree_arms=["tree_block_r2_grown"], frozen_router_of=["tree_block_r2_grown"])
+    with pytest.raises(TreeLoraUsageError, match="grown tree starts without routers"):
         settings.validate()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from .capacity_scoring import (  # noqa: F401  (compute_matched_rank and lora_pa
     progress_line,
     score_run,
 )
+from .capacity_settings import CapacitySettings
 from .capacity_variants import (  # noqa: F401  (ROUTERS_2X and TreeVariant are used by others)
     DEFAULT_FROZEN_ROUTER_OF,
     DEFAULT_TREE_ARMS,
@@ -43,12 +44,11 @@ from .capacity_variants import (  # noqa: F401  (ROUTERS_2X and TreeVariant are 
     TREE_VARIANTS,
     TreeVariant,
     frozen_router_key,
+    variant,
 )
 from .capacity_verdict import summarise, verdict
 from .common import DOCS_DIR, Arm, command_line, versions, write_json
 from .facts import (
-    FIRST_NAMES,
-    LAST_NAMES,
     WordTokenizer,
     document_blocks,
     exact_match,
@@ -63,107 +63,6 @@ RESULT_FILE = "capacity.json"
 PLOT_FILE = "capacity.png"
 
 
-@dataclass
-class CapacitySettings:
-    """Defaults sized to finish within about 20 minutes on 2 idle CPU cores (timings in the results page).
-
-    N=32 people (128 facts): LoRA r=1 recalls well under LoRA r=8 there (capacity-bound) while LoRA r=8 recalls
-    most facts (not bound). The learning rate of every arm is chosen by one rule: the best held-out recall over
-    `lr_grid` on the people of `validation_seed`, who are not the test people; the test seeds then train each arm at
-    its chosen rate. Design choices (the router learning-rate ratio, the sequence prefix) were explored on seed 0,
-    which is therefore not a test seed.
-
-    The model is the facts study's word-level Llama (hidden 64, 4 layers, 4 heads, SwiGLU 176, tied embeddings,
-    about 0.23 M parameters), pretrained in full on `background` other people per seed; every arm of a seed starts
-    from that seed's base."""
-
-    people: int = 32
-    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
-    validation_seed: int = 100
-    lr_grid: list[float] = field(default_factory=lambda: [0.01, 0.02])
-    tree_arms: list[str] = field(
-        default_factory=lambda: list(DEFAULT_TREE_ARMS),
-        metadata={
-            "choices": [v.key for v in TREE_VARIANTS],
-            "help": f"tree variants, of {', '.join(v.key for v in TREE_VARIANTS)}; ",
-        },
-    )
-    frozen_router: bool = True
-    frozen_router_of: list[str] = field(
-        default_factory=lambda: list(DEFAULT_FROZEN_ROUTER_OF),
-        metadata={
-            "choices": [v.key for v in TREE_VARIANTS],
-            "help": "tree arms that get a frozen-router control, of those --tree-arms runs; ",
-        },
-    )
-    rank: int = 1
-    depth: int = 3
-    epochs: int = 60
-    batch_size: int = 16
-    background: int = 200
-    background_epochs: int = 40
-    base_batch_size: int = 32
-    base_lr: float = 5e-3
-    hidden: int = 64
-    layers: int = 4
-    heads: int = 4
-    intermediate: int = 176
-
-    def validate(self) -> None:
-        for name in (
-            "people",
-            "epochs",
-            "batch_size",
-            "background",
-            "background_epochs",
-            "base_batch_size",
-            "hidden",
-            "layers",
-            "heads",
-            "intermediate",
-        ):
-            if getattr(self, name) < 1:
-                raise TreeLoraUsageError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}.")
-        if self.hidden % self.heads:
-            raise TreeLoraUsageError(f"--hidden ({self.hidden}) must be a multiple of --heads ({self.heads}).")
-        if self.rank < 1 or not 1 <= self.depth <= 10:
-            raise TreeLoraUsageError(f"--rank must be >= 1 and --depth in 1..10; got {self.rank}, {self.depth}.")
-        if not self.lr_grid or not all(0 < lr < 1 for lr in self.lr_grid):
-            raise TreeLoraUsageError(f"--lr-grid needs one or more learning rates in (0, 1); got {self.lr_grid}.")
-        if not 0 < self.base_lr < 1:
-            raise TreeLoraUsageError(f"--base-lr must be in (0, 1); got {self.base_lr}.")
-        capacity = len(FIRST_NAMES) * len(LAST_NAMES)
-        if self.background + self.people > capacity:
-            raise TreeLoraUsageError(
-                f"background + people must stay within the {capacity} distinct names; got "
-                f"{self.background} + {self.people}."
-            )
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise TreeLoraUsageError(f"--seeds needs one or more distinct seeds; got {self.seeds}.")
-        if len(self.lr_grid) > 1 and self.validation_seed in self.seeds:
-            raise TreeLoraUsageError(
-                f"--validation-seed {self.validation_seed} is also a test seed: the learning rates would be chosen "
-                "on the test people."
-            )
-        known = [v.key for v in TREE_VARIANTS]
-        unknown = [key for key in self.tree_arms if key not in known]
-        if not self.tree_arms or unknown or len(set(self.tree_arms)) != len(self.tree_arms):
-            raise TreeLoraUsageError(
-                f"--tree-arms needs one or more distinct names from {known}; got {self.tree_arms}."
-            )
-        explicit = [key for key in self.frozen_router_of if key not in DEFAULT_FROZEN_ROUTER_OF]
-        missing = [key for key in explicit if key not in self.tree_arms]
-        if missing or len(set(self.frozen_router_of)) != len(self.frozen_router_of):
-            raise TreeLoraUsageError(
-                "--frozen-router-of needs distinct tree arms that --tree-arms also runs (a control is compared with "
-                f"its own trained tree); got {self.frozen_router_of} with --tree-arms {self.tree_arms}."
-            )
-
-    def controlled_trees(self) -> list[str]:
-        """The tree arms that get a frozen-router control: those of `frozen_router_of` this run trains."""
-        return [key for key in self.frozen_router_of if key in self.tree_arms] if self.frozen_router else []
-
-
 @dataclass(frozen=True)
 class StudyArm:
     """An arm of the study: its adapter (`arm`), its roles (`lora_r`, `lora_all_leaves`, `compute_matched:<tree>`,
@@ -174,14 +73,11 @@ class StudyArm:
     roles: tuple[str, ...]
     training: tuple[tuple[str, Any], ...] = ()
     freeze_router: bool = False
+    grown: bool = False
 
     @property
     def key(self) -> str:
         return self.arm.key
-
-
-def variant(key: str) -> TreeVariant:
-    return next(v for v in TREE_VARIANTS if v.key == key)
 
 
 def tree_arm(key: str, settings: CapacitySettings) -> Arm:
@@ -219,7 +115,10 @@ def study_arms(settings: CapacitySettings, matched: dict[str, dict[str, int]]) -
         StudyArm(Arm(f"lora{rank}", f"LoRA r={rank}", "lora", rank=rank), tuple(roles))
         for rank, roles in sorted(lora_roles.items())
     ]
-    arms += [StudyArm(tree_arm(key, settings), ("tree",), variant(key).training) for key in settings.tree_arms]
+    arms += [
+        StudyArm(tree_arm(key, settings), ("tree",), variant(key).training, grown=variant(key).grown)
+        for key in settings.tree_arms
+    ]
     for key in settings.controlled_trees():
         tree = tree_arm(key, settings)
         control = Arm(
@@ -269,18 +168,38 @@ def train_arm(
     config = checked_config(arm)
     frozen = FrozenRouterFactory(data.base_factory, config, data.seed) if study_arm.freeze_router else None
     training = replace(train_settings(settings, data.steps, lr, data.seed, show_progress), **dict(study_arm.training))
-    result = run_training(
-        arm.key,
-        frozen or data.base_factory,
-        data.train_blocks,
-        data.eval_blocks,
-        training,
-        adapter_config=None if frozen else config,
-    )
+    if study_arm.grown:
+        result = train_grown(arm.key, config, data, training)
+    else:
+        result = run_training(
+            arm.key,
+            frozen or data.base_factory,
+            data.train_blocks,
+            data.eval_blocks,
+            training,
+            adapter_config=None if frozen else config,
+        )
     run = score_run(result, arm, data.seed, tokenizer, data.people, data.queries, data.eval_blocks, frozen)
     run["learning_rate"] = lr
     result.model = None
     return run
+
+
+def train_grown(key: str, config: PeftConfig, data: SeedData, training: Any) -> Any:
+    """Upcycling: train `config`'s tree as a depth-0 tree (a LoRA) on the first share of the data, grow it one level
+    (each leaf split into two copies under a new router), train on the next share, and so on to `config.depth`: the
+    same steps and data as any other arm, in depth + 1 stages with a warm-up and decay each."""
+    stages = config.depth + 1
+    shares = data.train_blocks.tensor_split(stages)
+    model, result, seconds, steps = data.base_factory, None, 0.0, 0
+    for stage, blocks in enumerate(shares):
+        if stage:
+            model.base_model.grow_tree(seed=data.seed + stage)
+        stage_settings = replace(training, steps=max(1, blocks.shape[0] // training.batch_size))
+        first = replace(config, depth=0) if stage == 0 else None
+        result = run_training(f"{key}-stage{stage}", model, blocks, data.eval_blocks, stage_settings, first)
+        model, seconds, steps = result.model, seconds + result.train_seconds, steps + result.steps_done
+    return replace(result, name=key, train_seconds=seconds, steps_done=steps)
 
 
 def run_capacity(settings: CapacitySettings, out_dir: Path = DOCS_DIR, show_progress: bool = True) -> dict:

@@ -13,7 +13,9 @@ class TreeVariant:
     layer, the config's defaults: token routing, hard training) and runner settings (e.g. a router learning-rate
     ratio). A new variant is one more line of `TREE_VARIANTS`. With `rank_times_levels` the variant's rank is the
     study's r times depth + 1, the nodes of a path: a path-layout tree then gives each node of a path rank r. With
-    `rank_factor` it is the study's r times that factor (wider leaves at the same depth)."""
+    `rank_factor` it is the study's r times that factor (wider leaves at the same depth). A `grown` variant is
+    trained as a depth-0 tree (a LoRA) and grown one level at a time (`grow_tree`, upcycling): depth + 1 stages, each
+    on its share of the steps and data, with its own warm-up and decay."""
 
     key: str
     label: str
@@ -21,6 +23,7 @@ class TreeVariant:
     training: tuple[tuple[str, Any], ...] = ()
     rank_times_levels: bool = False
     rank_factor: int = 1
+    grown: bool = False
 
 
 ROUTERS_2X = (("router_lr_ratio", 2.0),)
@@ -41,6 +44,14 @@ TREE_VARIANTS: list[TreeVariant] = [
         (("routing", "block"),),
         ROUTERS_2X,
         rank_factor=3,
+    ),
+    TreeVariant(
+        "tree_block_r2_grown",
+        "tree_block_r2 grown from a LoRA one level at a time (upcycling)",
+        (("routing", "block"),),
+        ROUTERS_2X,
+        rank_factor=2,
+        grown=True,
     ),
     TreeVariant(
         "tree_sequence",
@@ -77,3 +88,7 @@ FROZEN_ROUTER_KEY = "tree_frozen_router"
 def frozen_router_key(tree_key: str) -> str:
     """The arm key of `tree_key`'s frozen-router control (the default tree's keeps its historical name)."""
     return FROZEN_ROUTER_KEY if tree_key == "tree" else f"{tree_key}_frozen_router"
+
+
+def variant(key: str) -> TreeVariant:
+    return next(v for v in TREE_VARIANTS if v.key == key)
