@@ -35,7 +35,7 @@ def grow_tree(model: TreeLoraModel, adapter: str, noise_std: float = 0.0, seed: 
     parameters: build the optimizer (or the Trainer) after growing."""
     config: TreeLoraConfig = model.peft_config[adapter]
     _check_growable(model, adapter, config, noise_std)
-    seed = seed if seed is not None else torch.seed() % 2**63
+    seed = seed if seed is not None else int(torch.randint(2**62, ()))  # from torch's RNG, as other inits draw
     generator = torch.Generator().manual_seed(seed)
     for layer in _layers(model, adapter):
         if isinstance(layer, TreeLoraLinear):
