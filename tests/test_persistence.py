@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -383,3 +384,22 @@ def test_an_adapter_whose_save_was_killed_loads_as_the_old_or_the_new_one_whole(
     expected = logits(PeftModel.from_pretrained(load_base(base_dir), tmp_path / survivor).eval(), input_ids)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "new", "old"], "staging folders were kept"
+
+
+def test_saving_writes_the_target_modules_in_one_order_whatever_the_hash_seed(tmp_path):
+    """A set's iteration order follows the string hash, which Python salts per process: two processes saving the same
+    adapter must still write the same file."""
+    script = (
+        "import sys, peft_tree_lora\n"
+        "from peft_tree_lora import TreeLoraConfig\n"
+        "names = [f'layers.{i}.{m}' for i in range(4) for m in ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'up_proj')]\n"
+        "TreeLoraConfig(depth=2, target_modules=names).save_pretrained(sys.argv[1])\n"
+    )
+    written = []
+    for seed in ("1", "2", "3"):
+        out = tmp_path / seed
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        subprocess.run([sys.executable, "-c", script, str(out)], check=True, env=env)
+        written.append((out / "adapter_config.json").read_text())
+    assert written[0] == written[1] == written[2]
+    assert json.loads(written[0])["target_modules"] == sorted(json.loads(written[0])["target_modules"])

@@ -156,6 +156,15 @@ class TreeLoraConfig(PeftConfig):
             self.exclude_modules = set(self.exclude_modules)
         self._validate()
 
+    def to_dict(self) -> dict:
+        """As PEFT's, with sets of module names as sorted lists: a set's order varies between processes (string
+        hashing is salted), so without this one adapter saved twice could write two different config files."""
+        data = super().to_dict()
+        for key, value in data.items():
+            if isinstance(value, set):
+                data[key] = sorted(value)
+        return data
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
         """Load as PEFT does, and remember where from, so that the weights can be checked before injection."""
