@@ -62,7 +62,9 @@ def grouped_leaves(
     order, inverse, ends = _grouping(leaf, lora_A.shape[0])
     lora_A, lora_B = _pad(lora_A, lora_B)
     hidden = F.grouped_mm(x.index_select(0, order), _transposed(lora_A), offs=ends)
-    hidden = hidden * _rank_scale(scaling, row_weight, order, hidden.dtype)
+    scale = _rank_scale(scaling, row_weight, order, hidden.dtype)
+    if not (isinstance(scale, float) and scale == 1.0):
+        hidden = hidden * scale
     return F.grouped_mm(hidden, _transposed(lora_B), offs=ends).index_select(0, inverse)
 
 

@@ -55,7 +55,7 @@ def grow_tree(model: TreeLoraModel, adapter: str, noise_std: float = 0.0, seed: 
 
 
 def _layers(model: TreeLoraModel, adapter: str) -> list[TreeLoraLayer]:
-    return [m for m in model.model.modules() if isinstance(m, TreeLoraLayer) and adapter in m.depth]
+    return list(model._tree_layers(adapter))  # a list: the loops below replace modules inside the layers
 
 
 def _first_routers(model: TreeLoraModel, adapter: str, config: TreeLoraConfig, seed: int) -> None:
@@ -105,13 +105,14 @@ def _split_leaves(stack: nn.Parameter, noise_std: float, generator: torch.Genera
 
 
 def _deeper_router(router: TreeRouter, config: TreeLoraConfig, generator: torch.Generator) -> TreeRouter:
-    """`router` with one more level of nodes, initialised as the config initialises routers; the others unchanged."""
-    deeper = TreeRouter(router.in_features, router.depth + 1, router.input_norm, "zeros")
+    """`router` with one more level of nodes, initialised as TreeRouter initialises routers; the others unchanged."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))
+        deeper = TreeRouter(
+            router.in_features, router.depth + 1, router.input_norm, config.router_init, config.router_init_scale
+        )
     nodes = num_nodes(router.depth)
     with torch.no_grad():
-        if config.router_init == "random":
-            std = config.router_init_scale / math.sqrt(router.in_features)
-            deeper.weight.copy_(torch.randn(deeper.weight.shape, generator=generator) * std)
         deeper.weight[:nodes] = router.weight.detach().cpu()
         deeper.bias[:nodes] = router.bias.detach().cpu()
     deeper = deeper.to(device=router.weight.device, dtype=router.weight.dtype)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .routing import descend, descend_logits, num_nodes, rms_normalized, router_logits
+from .routing import descend, descend_logits, num_nodes, router_logits
 
 
 class TreeRouter(nn.Module):
@@ -40,9 +40,6 @@ class TreeRouter(nn.Module):
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
-
-    def router_input(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_normalized(x.to(self.weight.dtype)) if self.input_norm else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return router_logits(x, self.weight, self.bias, self.input_norm)
