@@ -146,6 +146,20 @@ def test_an_unknown_routing_is_refused_naming_the_allowed_ones():
         facts_job.JobSettings(routing="tokens").validate()
 
 
+@pytest.mark.parametrize(
+    ("routing", "asked", "expected"), [("token", None, 2.0), ("block", None, 8.0), ("block", 3.0, 3.0)]
+)
+def test_the_tree_routers_learn_at_the_asked_ratio_or_the_one_recommended_for_its_routing(routing, asked, expected):
+    from peft_tree_lora.app.facts_runs import router_lr_ratio
+
+    assert router_lr_ratio(facts_job.JobSettings(routing=routing, router_lr_ratio=asked)) == expected
+
+
+def test_a_router_ratio_out_of_range_is_refused():
+    with pytest.raises(facts_job.TreeLoraUsageError, match="--router-lr-ratio must be in"):
+        facts_job.JobSettings(router_lr_ratio=0.0 - 1).validate()
+
+
 # --- end to end -----------------------------------------------------------------------------------------------
 
 
@@ -192,6 +206,7 @@ def test_job_runs_end_to_end_and_writes_report_json_and_plots(model_folder, tmp_
     report = (output / "report.md").read_text()
     assert "LoRA r=3 (compute-matched)" in report and "| TreeLoRA d=3 r=1 |" in report
     assert "![recall per arm](recall.png)" in report
+    assert "token routing, hard training routing (trains the served function), routers at 2x" in report
     assert not [p for p in output.iterdir() if "partial" in p.name]
 
     # the console: one table, progress lines, no raw log dictionaries or nested evaluation bars

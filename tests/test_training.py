@@ -522,3 +522,20 @@ def test_router_learning_rate_ratio_puts_every_router_in_its_own_group():
     assert [group["weight_decay"] for group in optimizer.param_groups] == [0.1, 0.0]
     with pytest.raises(ValueError, match="router_lr_ratio must be > 0"):
         create_tree_lora_optimizer(model, router_lr_ratio=0)
+
+
+def test_router_optimizer_without_a_ratio_gives_each_adapter_the_ratio_of_its_routing():
+    from peft_tree_lora.integrations.optim import ROUTER_LR_RATIOS, create_tree_lora_optimizer
+
+    model = get_peft_model(make_tiny_llama(), tree_config(routing="token"))
+    model.add_adapter("blocky", tree_config(routing="block"))
+    model.base_model.set_adapter(["default", "blocky"])  # both trainable
+    optimizer = create_tree_lora_optimizer(model, lr=1e-3)
+    by_lr = {round(group["lr"], 12): {id(p) for p in group["params"]} for group in optimizer.param_groups}
+    routers_of = {
+        adapter: {id(p) for n, p in model.named_parameters() if f".treelora_router.{adapter}." in n}
+        for adapter in ("default", "blocky")
+    }
+    assert by_lr[round(1e-3 * ROUTER_LR_RATIOS["token"], 12)] == routers_of["default"]
+    assert by_lr[round(1e-3 * ROUTER_LR_RATIOS["block"], 12)] == routers_of["blocky"]
+    assert ROUTER_LR_RATIOS["block"] != ROUTER_LR_RATIOS["token"]

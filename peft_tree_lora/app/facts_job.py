@@ -128,6 +128,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--routing", choices=ROUTINGS, default=defaults.routing, help="the tree's routing scope (default: token)"
     )
+    group.add_argument(
+        "--router-lr-ratio",
+        type=float,
+        default=None,
+        help="the tree's routers learn at --lr times this (default: 8 for block routing, 2 otherwise)",
+    )
     group.add_argument("--layers", default=defaults.layers, help="'all', 'lastN' or a comma list of layer indices")
     group.add_argument(
         "--target-modules", default=defaults.target_modules, help="'all-linear' or a comma list of module names"
@@ -165,6 +171,7 @@ def settings_from_args(args: argparse.Namespace) -> JobSettings:
         rank=args.rank,
         depth=args.depth,
         routing=args.routing,
+        router_lr_ratio=args.router_lr_ratio,
         layers=args.layers,
         target_modules=args.target_modules,
         warmup_fraction=args.warmup_fraction,

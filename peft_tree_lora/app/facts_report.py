@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..integrations.optim import recommended_router_lr_ratio
 from .runner import RunResult
 
 RESULTS_FILE = "results.json"
@@ -121,6 +122,8 @@ def report_markdown(data: dict[str, Any]) -> str:
     wide = settings["rank"] * 2 ** settings["depth"]
     matched = data["compute_matched"]
     layers = data["layers"]
+    routing = settings.get("routing", "token")
+    ratio = settings.get("router_lr_ratio") or recommended_router_lr_ratio(routing)
     lines = [
         "# Synthetic facts: LoRA vs TreeLoRA",
         "",
@@ -136,8 +139,9 @@ def report_markdown(data: dict[str, Any]) -> str:
         f"{settings['seed']}",
         f"- **adapters**: {', '.join(data['target_modules'])} in "
         + (f"layers {', '.join(map(str, layers))}" if layers else "every layer")
-        + f"; alpha = 2 x rank; tree: depth {settings['depth']}, rank {settings['rank']}, token routing, hard "
-        "training routing (trains the served function), hard at evaluation",
+        + f"; alpha = 2 x rank; tree: depth {settings['depth']}, rank {settings['rank']}, {routing} routing, hard "
+        f"training routing (trains the served function), routers at {ratio:g}x the learning rate, hard at "
+        "evaluation",
         f"- **compute-matched LoRA**: the tree touches {matched['tree_active_per_token']:,} adapter parameters "
         f"per token (one leaf per module plus the {settings['depth']} routers on its path); LoRA has "
         f"{matched['lora_params_per_rank']:,} parameters per rank, so rank {matched['rank']} is the smallest "

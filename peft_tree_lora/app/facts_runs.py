@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from ..integrations.optim import recommended_router_lr_ratio
 from ..tuner.errors import TreeLoraUsageError
 from . import facts_data
 from .people import ATTRIBUTES, generate_people
@@ -44,6 +45,7 @@ class JobSettings:
     rank: int = 1
     depth: int = 3
     routing: str = "token"
+    router_lr_ratio: float | None = None  # None: recommended_router_lr_ratio(routing)
     layers: str = "last4"
     target_modules: str = "all-linear"
     warmup_fraction: float = 0.05
@@ -71,6 +73,8 @@ class JobSettings:
             raise TreeLoraUsageError(f"--arms: give a comma list of {', '.join(ARM_KEYS)}; got {self.arms}.")
         if self.sweep_only and not self.lr_sweep:
             raise TreeLoraUsageError("--sweep-only needs --lr-sweep.")
+        if self.router_lr_ratio is not None and not 0 < self.router_lr_ratio <= 1000:
+            raise TreeLoraUsageError(f"--router-lr-ratio must be in (0, 1000]; got {self.router_lr_ratio}.")
         if self.threads is not None and self.threads < 1:
             raise TreeLoraUsageError(f"--threads must be >= 1; got {self.threads}.")
 
@@ -234,7 +238,13 @@ def _train_settings(settings: JobSettings, steps: int, lr: float) -> TrainSettin
         warmup_steps=min(int(steps * settings.warmup_fraction), steps - 1),
         show_progress=False,  # the Trainer's own bars nest an eval bar and print log dicts; ProgressLine instead
         log_every=max(1, min(every, 10)),
+        router_lr_ratio=router_lr_ratio(settings),
     )
+
+
+def router_lr_ratio(settings: JobSettings) -> float:
+    """The tree's router learning-rate ratio: the one asked for, or the one recommended for its routing."""
+    return settings.router_lr_ratio or recommended_router_lr_ratio(settings.routing)
 
 
 def load_model(spec: str) -> tuple[torch.nn.Module, Any, str]:

@@ -27,15 +27,24 @@ class TreeVariant:
 
 
 ROUTERS_2X = (("router_lr_ratio", 2.0),)
+ROUTERS_8X = (("router_lr_ratio", 8.0),)  # chosen on seeds 0 and 100 (not test seeds): 1/4, 1, 2, 8, 16, 32 tried
 TREE_VARIANTS: list[TreeVariant] = [
     TreeVariant("tree", "token routing, hard training (the defaults)"),
     TreeVariant("tree_router_lr2", "token routing, hard training, routers at 2x the learning rate", (), ROUTERS_2X),
     TreeVariant("tree_block", "block routing, hard training, routers at 2x", (("routing", "block"),), ROUTERS_2X),
+    TreeVariant("tree_block_lr8", "block routing, hard training, routers at 8x", (("routing", "block"),), ROUTERS_8X),
     TreeVariant(
         "tree_block_r2",
         "block routing, leaves of twice the rank, hard training, routers at 2x",
         (("routing", "block"),),
         ROUTERS_2X,
+        rank_factor=2,
+    ),
+    TreeVariant(
+        "tree_block_r2_lr8",
+        "block routing, leaves of twice the rank, hard training, routers at 8x",
+        (("routing", "block"),),
+        ROUTERS_8X,
         rank_factor=2,
     ),
     TreeVariant(

@@ -2,7 +2,8 @@
 
 The routers of a tree learn through path probabilities, a weaker signal than the leaves' own gradients; a
 `router_lr_ratio` above 1 lets them keep up. Pass the optimiser to the Trainer as `optimizers=(optimizer, None)`;
-the Trainer then builds its learning-rate schedule over every group.
+the Trainer then builds its learning-rate schedule over every group. Without a ratio, each adapter's routers get the
+ratio the capacity study found best for its routing scope (`ROUTER_LR_RATIOS`).
 """
 
 from __future__ import annotations
@@ -13,22 +14,43 @@ import torch
 from torch import nn
 
 ROUTER_KEY = ".treelora_router."
+# Chosen on the capacity study's exploration seeds (0 and 100, never its test seeds; docs/RESULTS.md): a block's
+# router serves every module of its block and did best at 8x (of 1/4, 1, 2, 8, 16, 32), per-module token routers
+# at 2x (of 1, 2, 8); sequence routing was explored at 2x only.
+ROUTER_LR_RATIOS = {"token": 2.0, "block": 8.0, "sequence": 2.0}
+
+
+def recommended_router_lr_ratio(routing: str) -> float:
+    """The router learning-rate ratio for a routing scope (`TreeLoraConfig.routing`), from `ROUTER_LR_RATIOS`."""
+    if routing not in ROUTER_LR_RATIOS:
+        raise ValueError(f"routing must be one of {sorted(ROUTER_LR_RATIOS)}; got {routing!r}.")
+    return ROUTER_LR_RATIOS[routing]
 
 
 def tree_lora_param_groups(
-    model: nn.Module, lr: float, router_lr_ratio: float = 1.0, weight_decay: float = 0.0
+    model: nn.Module, lr: float, router_lr_ratio: float | None = None, weight_decay: float = 0.0
 ) -> list[dict[str, Any]]:
-    """Two parameter groups of the trainable parameters: the routers at `lr * router_lr_ratio` (no weight decay:
-    it would pull every router towards p = 0.5) and everything else at `lr`."""
-    if not router_lr_ratio > 0:
+    """The trainable parameters in groups: everything but the routers at `lr`, the routers at `lr *
+    router_lr_ratio` without weight decay (it would pull every router towards p = 0.5). With `router_lr_ratio=None`
+    each adapter's routers take `recommended_router_lr_ratio` of that adapter's routing (one group per ratio)."""
+    if router_lr_ratio is not None and not router_lr_ratio > 0:
         raise ValueError(f"router_lr_ratio must be > 0; got {router_lr_ratio!r}.")
-    routers, others = [], []
+    configs = getattr(model, "peft_config", {})
+    routers: dict[float, list[nn.Parameter]] = {}
+    others = []
     for name, param in model.named_parameters():
-        if param.requires_grad:
-            (routers if ROUTER_KEY in f".{name}" else others).append(param)
+        if not param.requires_grad:
+            continue
+        if ROUTER_KEY not in f".{name}":
+            others.append(param)
+            continue
+        ratio = router_lr_ratio
+        if ratio is None:
+            adapter = f".{name}".split(ROUTER_KEY, 1)[1].split(".", 1)[0]
+            ratio = recommended_router_lr_ratio(getattr(configs.get(adapter), "routing", "token"))
+        routers.setdefault(ratio, []).append(param)
     groups = [{"params": others, "lr": lr, "weight_decay": weight_decay}]
-    if routers:
-        groups.append({"params": routers, "lr": lr * router_lr_ratio, "weight_decay": 0.0})
+    groups += [{"params": params, "lr": lr * ratio, "weight_decay": 0.0} for ratio, params in routers.items()]
     return groups
 
 
@@ -36,7 +58,7 @@ def create_tree_lora_optimizer(
     model: nn.Module,
     optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
     lr: float = 1e-3,
-    router_lr_ratio: float = 1.0,
+    router_lr_ratio: float | None = None,
     weight_decay: float = 0.0,
     **optimizer_kwargs: Any,
 ) -> torch.optim.Optimizer:
