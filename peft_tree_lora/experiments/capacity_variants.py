@@ -89,8 +89,8 @@ TREE_VARIANTS: list[TreeVariant] = [
         rank_times_levels=True,
     ),
 ]
-DEFAULT_TREE_ARMS = ("tree", "tree_router_lr2", "tree_block_r2", "tree_sequence", "tree_soft")
-DEFAULT_FROZEN_ROUTER_OF = ("tree", "tree_block_r2")
+DEFAULT_TREE_ARMS = ("tree", "tree_router_lr2", "tree_block_r2_lr8", "tree_sequence", "tree_soft")
+DEFAULT_FROZEN_ROUTER_OF = ("tree", "tree_block_r2_lr8")
 FROZEN_ROUTER_KEY = "tree_frozen_router"
 
 
