@@ -463,3 +463,16 @@ def test_capacity_refuses_a_frozen_router_control_of_a_grown_tree():
     settings = capacity.CapacitySettings(tree_arms=["tree_block_r2_grown"], frozen_router_of=["tree_block_r2_grown"])
     with pytest.raises(TreeLoraUsageError, match="grown tree starts without routers"):
         settings.validate()
+
+
+def test_router_sweep_trains_a_frozen_control_and_one_tree_per_ratio_beside_the_matched_lora(tmp_path, capsys):
+    from peft_tree_lora.experiments import router_sweep
+
+    out = tmp_path / "sweep.json"
+    arguments = [*TINY_MODEL, "--people", "4", "--background", "8", "--background-epochs", "2", "--epochs", "2"]
+    arguments += ["--seeds", "0", "--ratios", "0", "8", "--rank", "1", "--out", str(out)]
+    assert router_sweep.main(arguments) == 0
+    data = json.loads(out.read_text())
+    assert [run["arm"] for run in data["runs"]] == [f"lora{data['lora_rank']}", "frozen", "ratio8"]
+    assert data["lora_rank"] >= 1 and all(0.0 <= run["recall"] <= 1.0 for run in data["runs"])
+    assert "| tree, routers at 8x |" in capsys.readouterr().out

@@ -510,6 +510,47 @@ def test_soft_warmup_trains_soft_for_its_steps_then_in_the_configured_mode(tmp_p
     assert layer.training_routing["default"] == "hard"
 
 
+def test_router_freeze_lets_the_routers_learn_for_their_steps_and_the_leaves_for_all(tmp_path):
+    from peft_tree_lora.integrations.optim import create_tree_lora_optimizer
+    from peft_tree_lora.integrations.schedule import RouterFreezeCallback
+
+    model = get_peft_model(make_tiny_llama(), tree_config())
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    snapshots = []
+
+    class Spy(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            router = layer.treelora_router["default"].weight.detach().clone()
+            snapshots.append((router, layer.treelora_B["default"].detach().clone()))
+
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=4),
+        train_dataset=token_dataset(rows=16),
+        optimizers=(create_tree_lora_optimizer(model, lr=1e-2), None),
+        callbacks=[RouterFreezeCallback(steps=2), Spy()],
+    )
+    trainer.train()
+    routers_moved = [not torch.equal(a[0], b[0]) for a, b in zip(snapshots, snapshots[1:])]
+    leaves_moved = [not torch.equal(a[1], b[1]) for a, b in zip(snapshots, snapshots[1:])]
+    assert routers_moved == [True, False, False]  # step 2 still learns; steps 3 and 4 keep the routes
+    assert leaves_moved == [True, True, True]
+
+
+def test_router_freeze_refuses_an_optimiser_without_router_groups(tmp_path):
+    from peft_tree_lora.integrations.schedule import RouterFreezeCallback
+
+    model = get_peft_model(make_tiny_llama(), tree_config())
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=1),
+        train_dataset=token_dataset(rows=4),
+        callbacks=[RouterFreezeCallback(steps=1)],
+    )
+    with pytest.raises(ValueError, match="create_tree_lora_optimizer"):
+        trainer.train()
+
+
 def test_router_learning_rate_ratio_puts_every_router_in_its_own_group():
     from peft_tree_lora.integrations.optim import create_tree_lora_optimizer
 

@@ -30,6 +30,7 @@ from transformers import PreTrainedModel, PrinterCallback, Trainer, TrainerCallb
 from ..integrations.files import staged_files
 from ..integrations.hub import save_pretrained as save_with_card
 from ..integrations.optim import tree_lora_param_groups
+from ..integrations.schedule import RouterFreezeCallback
 from ..integrations.telemetry import RoutingTelemetryCallback
 from ..tuner.errors import TreeLoraUsageError
 from ..tuner.model import TreeLoraModel
@@ -57,6 +58,7 @@ class TrainSettings:
     show_progress: bool = True
     log_every: int = 10
     router_lr_ratio: float = 1.0  # routers learn at learning_rate * this (AdamW, as the other parameters)
+    router_learning_fraction: float = 1.0  # routers learn for this share of the steps, then freeze (< 1)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "eval_batch_size", "gradient_accumulation_steps"):
@@ -67,6 +69,10 @@ class TrainSettings:
             raise TreeLoraUsageError(f"learning rate must be in (0, 1); got {self.learning_rate!r}.")
         if self.save_every is not None and self.save_every < 1:
             raise TreeLoraUsageError(f"save_every must be >= 1 or None; got {self.save_every!r}.")
+        if not 0 < self.router_learning_fraction <= 1:
+            raise TreeLoraUsageError(
+                f"router_learning_fraction must be in (0, 1]; got {self.router_learning_fraction!r}."
+            )
         if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
             raise TreeLoraUsageError(f"warmup steps must be in [0, steps={self.steps}); got {self.warmup_steps}.")
 
@@ -147,7 +153,9 @@ def run_training(
     scratch = tempfile.mkdtemp(prefix="tree-lora-trainer-")
     try:
         optimizer = None
-        if settings.router_lr_ratio != 1.0:
+        if settings.router_learning_fraction < 1 and tree is not None:
+            all_callbacks.append(RouterFreezeCallback(int(settings.steps * settings.router_learning_fraction)))
+        if settings.router_lr_ratio != 1.0 or settings.router_learning_fraction < 1:
             groups = tree_lora_param_groups(
                 model, settings.learning_rate, settings.router_lr_ratio, settings.weight_decay
             )

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 ROUTER_KEY = ".treelora_router."
+ROUTER_GROUP = "treelora_routers"  # marks the routers' parameter groups (RouterFreezeCallback finds them by it)
 # Chosen on the capacity study's exploration seeds (0 and 100, never its test seeds; docs/RESULTS.md): a block's
 # router serves every module of its block and did best at 8x (of 1/4, 1, 2, 8, 16, 32), per-module token routers
 # at 2x (of 1, 2, 8); sequence routing was explored at 2x only.
@@ -50,7 +51,10 @@ def tree_lora_param_groups(
             ratio = recommended_router_lr_ratio(getattr(configs.get(adapter), "routing", "token"))
         routers.setdefault(ratio, []).append(param)
     groups = [{"params": others, "lr": lr, "weight_decay": weight_decay}]
-    groups += [{"params": params, "lr": lr * ratio, "weight_decay": 0.0} for ratio, params in routers.items()]
+    groups += [
+        {"params": params, "lr": lr * ratio, "weight_decay": 0.0, ROUTER_GROUP: True}
+        for ratio, params in routers.items()
+    ]
     return groups
 
 
