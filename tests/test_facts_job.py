@@ -150,9 +150,10 @@ def test_an_unknown_routing_is_refused_naming_the_allowed_ones():
     ("routing", "asked", "expected"), [("token", None, 2.0), ("block", None, 8.0), ("block", 3.0, 3.0)]
 )
 def test_the_tree_routers_learn_at_the_asked_ratio_or_the_one_recommended_for_its_routing(routing, asked, expected):
-    from peft_tree_lora.app.facts_runs import router_lr_ratio
+    from peft_tree_lora.app.facts_runs import _train_settings
 
-    assert router_lr_ratio(facts_job.JobSettings(routing=routing, router_lr_ratio=asked)) == expected
+    settings = facts_job.JobSettings(routing=routing, router_lr_ratio=asked)
+    assert _train_settings(settings, steps=10, lr=0.01).router_lr_ratio == expected
 
 
 def test_a_router_ratio_out_of_range_is_refused():

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..integrations.optim import recommended_router_lr_ratio
+from ..integrations.optim import router_lr_ratio_for
 from .runner import RunResult
 
 RESULTS_FILE = "results.json"
@@ -123,7 +123,7 @@ def report_markdown(data: dict[str, Any]) -> str:
     matched = data["compute_matched"]
     layers = data["layers"]
     routing = settings.get("routing", "token")
-    ratio = settings.get("router_lr_ratio") or recommended_router_lr_ratio(routing)
+    ratio = router_lr_ratio_for(routing, settings.get("router_lr_ratio"))
     lines = [
         "# Synthetic facts: LoRA vs TreeLoRA",
         "",

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from ..integrations.optim import recommended_router_lr_ratio
+from ..integrations.optim import router_lr_ratio_for
 from ..tuner.errors import TreeLoraUsageError
 from . import facts_data
 from .people import ATTRIBUTES, generate_people
@@ -45,7 +45,7 @@ class JobSettings:
     rank: int = 1
     depth: int = 3
     routing: str = "token"
-    router_lr_ratio: float | None = None  # None: recommended_router_lr_ratio(routing)
+    router_lr_ratio: float | None = None  # None: the ratio recommended for the routing (router_lr_ratio_for)
     layers: str = "last4"
     target_modules: str = "all-linear"
     warmup_fraction: float = 0.05
@@ -238,13 +238,8 @@ def _train_settings(settings: JobSettings, steps: int, lr: float) -> TrainSettin
         warmup_steps=min(int(steps * settings.warmup_fraction), steps - 1),
         show_progress=False,  # the Trainer's own bars nest an eval bar and print log dicts; ProgressLine instead
         log_every=max(1, min(every, 10)),
-        router_lr_ratio=router_lr_ratio(settings),
+        router_lr_ratio=router_lr_ratio_for(settings.routing, settings.router_lr_ratio),
     )
-
-
-def router_lr_ratio(settings: JobSettings) -> float:
-    """The tree's router learning-rate ratio: the one asked for, or the one recommended for its routing."""
-    return settings.router_lr_ratio or recommended_router_lr_ratio(settings.routing)
 
 
 def load_model(spec: str) -> tuple[torch.nn.Module, Any, str]:

@@ -102,6 +102,13 @@ def checked_config(arm: Arm) -> PeftConfig:
         ) from None
 
 
+def matched_lora(settings: CapacitySettings, tokenizer: WordTokenizer, tree: Arm) -> dict[str, int]:
+    """`compute_matched_rank` of the `tree` arm's adapter on the study's model (an untrained copy): the tree's active
+    parameters per token, LoRA's per rank, and the compute-matched rank."""
+    model = facts_model(settings, tokenizer.vocab_size, 128, settings.seeds[0], None)
+    return compute_matched_rank(get_peft_model(model, checked_config(tree)))
+
+
 def study_arms(settings: CapacitySettings, matched: dict[str, dict[str, int]]) -> list[StudyArm]:
     """LoRA r, each tree's compute-matched LoRA and LoRA r * 2**d (one arm per distinct rank, holding every role that
     rank plays), the chosen tree variants, then a frozen-router control (the same tree, routers frozen at init) of each
@@ -209,13 +216,7 @@ def run_capacity(settings: CapacitySettings, out_dir: Path = DOCS_DIR, show_prog
     tokenizer = WordTokenizer()
 
     # Every tree arm's config is built before any training, so that an arm this version rejects stops the study now.
-    matched = {}
-    for key in settings.tree_arms:
-        probe = get_peft_model(
-            facts_model(settings, tokenizer.vocab_size, 128, settings.seeds[0], None),
-            checked_config(tree_arm(key, settings)),
-        )
-        matched[key] = compute_matched_rank(probe)
+    matched = {key: matched_lora(settings, tokenizer, tree_arm(key, settings)) for key in settings.tree_arms}
     arms = study_arms(settings, matched)
     for key, figures in matched.items():
         _say(

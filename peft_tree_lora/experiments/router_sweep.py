@@ -17,37 +17,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import get_peft_model
 
-from .capacity import StudyArm, seed_data, train_arm
-from .capacity_scoring import compute_matched_rank
+from .capacity import StudyArm, matched_lora, seed_data, train_arm
 from .capacity_settings import CapacitySettings
 from .common import Arm, command_line, versions, write_json
-from .facts import facts_model
 from .facts_words import WordTokenizer
 
 
-def sweep_arms(
+def tree_arms(
     settings: CapacitySettings,
     routing: str,
     ratios: list[float],
     options: dict[str, Any],
-    lora_rank: int,
     learning_fraction: float = 1.0,
 ) -> list[StudyArm]:
-    """The LoRA arm, then one tree arm per ratio (0 = routers frozen at init)."""
-    tree_options = (("routing", routing), *options.items())
-    arms = [StudyArm(Arm(f"lora{lora_rank}", f"LoRA r={lora_rank}", "lora", rank=lora_rank), ("lora",))]
+    """One tree arm per router learning-rate ratio (0 = routers frozen at init, the study's control)."""
+    arms = []
     for ratio in ratios:
         key = "frozen" if ratio == 0 else f"ratio{ratio:g}"
-        tree = Arm(
-            key,
-            f"tree, routers {'frozen' if ratio == 0 else f'at {ratio:g}x'}",
-            "tree",
-            settings.rank,
-            settings.depth,
-            options=tree_options,
-        )
+        label = f"tree, routers {'frozen' if ratio == 0 else f'at {ratio:g}x'}"
+        tree = Arm(key, label, "tree", settings.rank, settings.depth, options=(("routing", routing), *options.items()))
         # the frozen arm's ratio only makes the runner build the same AdamW as for the others (its routers are out)
         training = (("router_lr_ratio", float(ratio or 2.0)),)
         if ratio and learning_fraction < 1:
@@ -56,12 +45,8 @@ def sweep_arms(
     return arms
 
 
-def matched_lora_rank(settings: CapacitySettings, tokenizer: WordTokenizer, routing: str, options: dict) -> int:
-    probe = Arm(
-        "probe", "probe", "tree", settings.rank, settings.depth, options=(("routing", routing), *options.items())
-    )
-    model = get_peft_model(facts_model(settings, tokenizer.vocab_size, 128, 0, None), probe.adapter_config())
-    return compute_matched_rank(model)["rank"]
+def lora_arm(rank: int) -> StudyArm:
+    return StudyArm(Arm(f"lora{rank}", f"LoRA r={rank}", "lora", rank=rank), ("lora",))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = CapacitySettings(people=args.people, rank=args.rank, seeds=args.seeds, lr_grid=[args.lr], **model)
     settings.validate()
     tokenizer = WordTokenizer()
-    lora_rank = args.lora_rank or matched_lora_rank(settings, tokenizer, args.routing, options)
-    arms = sweep_arms(settings, args.routing, args.ratios, options, lora_rank, args.router_learning_fraction)
+    trees = tree_arms(settings, args.routing, args.ratios, options, args.router_learning_fraction)
+    lora_rank = args.lora_rank or matched_lora(settings, tokenizer, trees[0].arm)["rank"]
+    arms = [lora_arm(lora_rank), *trees]
     runs = []
     for seed in args.seeds:
         data = seed_data(settings, tokenizer, seed, False)

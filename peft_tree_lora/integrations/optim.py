@@ -21,8 +21,11 @@ ROUTER_GROUP = "treelora_routers"  # marks the routers' parameter groups (Router
 ROUTER_LR_RATIOS = {"token": 2.0, "block": 8.0, "sequence": 2.0}
 
 
-def recommended_router_lr_ratio(routing: str) -> float:
-    """The router learning-rate ratio for a routing scope (`TreeLoraConfig.routing`), from `ROUTER_LR_RATIOS`."""
+def router_lr_ratio_for(routing: str, asked: float | None = None) -> float:
+    """`asked` when given, else the ratio `ROUTER_LR_RATIOS` recommends for the routing scope
+    (`TreeLoraConfig.routing`)."""
+    if asked is not None:
+        return asked
     if routing not in ROUTER_LR_RATIOS:
         raise ValueError(f"routing must be one of {sorted(ROUTER_LR_RATIOS)}; got {routing!r}.")
     return ROUTER_LR_RATIOS[routing]
@@ -33,7 +36,7 @@ def tree_lora_param_groups(
 ) -> list[dict[str, Any]]:
     """The trainable parameters in groups: everything but the routers at `lr`, the routers at `lr *
     router_lr_ratio` without weight decay (it would pull every router towards p = 0.5). With `router_lr_ratio=None`
-    each adapter's routers take `recommended_router_lr_ratio` of that adapter's routing (one group per ratio)."""
+    each adapter's routers take the ratio recommended for that adapter's routing (one group per ratio)."""
     if router_lr_ratio is not None and not router_lr_ratio > 0:
         raise ValueError(f"router_lr_ratio must be > 0; got {router_lr_ratio!r}.")
     configs = getattr(model, "peft_config", {})
@@ -45,10 +48,8 @@ def tree_lora_param_groups(
         if ROUTER_KEY not in f".{name}":
             others.append(param)
             continue
-        ratio = router_lr_ratio
-        if ratio is None:
-            adapter = f".{name}".split(ROUTER_KEY, 1)[1].split(".", 1)[0]
-            ratio = recommended_router_lr_ratio(getattr(configs.get(adapter), "routing", "token"))
+        adapter = f".{name}".split(ROUTER_KEY, 1)[1].split(".", 1)[0]
+        ratio = router_lr_ratio_for(getattr(configs.get(adapter), "routing", "token"), router_lr_ratio)
         routers.setdefault(ratio, []).append(param)
     groups = [{"params": others, "lr": lr, "weight_decay": weight_decay}]
     groups += [

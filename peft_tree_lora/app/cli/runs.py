@@ -86,7 +86,7 @@ def token_blocks(args: argparse.Namespace, tokenizer, corpus):
 
 
 def train_settings(args: argparse.Namespace, save_every: int | None = None):
-    from ...integrations.optim import recommended_router_lr_ratio
+    from ...integrations.optim import router_lr_ratio_for
     from ..runner import TrainSettings
 
     if args.warmup_steps is None:
@@ -103,7 +103,7 @@ def train_settings(args: argparse.Namespace, save_every: int | None = None):
         warmup_steps=args.warmup_steps,
         save_every=save_every,
         show_progress=not args.quiet,
-        router_lr_ratio=args.router_lr_ratio or recommended_router_lr_ratio(args.routing),
+        router_lr_ratio=router_lr_ratio_for(args.routing, args.router_lr_ratio),
     )
 
 
