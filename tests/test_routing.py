@@ -37,11 +37,15 @@ def test_descent_goes_right_when_the_logit_is_exactly_zero():
 
 
 @pytest.mark.parametrize("depth", [2, 6, 8])
-def test_descent_through_routers_matches_descent_through_all_logits(depth):
-    x = torch.randn(40, 16)
+@pytest.mark.parametrize("rows", [40, 600], ids=["few-rows", "many-rows"])
+@pytest.mark.parametrize("input_norm", [False, True], ids=["raw", "rms-normalised"])
+def test_descent_through_routers_matches_descent_through_all_logits(depth, rows, input_norm):
+    """Deep trees over many rows take the split descent (each row evaluates only its subtree's routers)."""
+    x = torch.randn(rows, 16) * 0.3
     weight, bias = torch.randn(2**depth - 1, 16), torch.randn(2**depth - 1)
-    logits = x @ weight.T + bias
-    assert torch.equal(descend(x, weight, bias, depth), descend_logits(logits, depth))
+    inputs = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) if input_norm else x
+    logits = inputs @ weight.T + bias
+    assert torch.equal(descend(x, weight, bias, depth, input_norm), descend_logits(logits, depth))
 
 
 def test_hardening_loss_is_one_bit_at_half_and_zero_when_saturated():
