@@ -147,12 +147,15 @@ def test_an_unknown_routing_is_refused_naming_the_allowed_ones():
 
 
 @pytest.mark.parametrize(
-    ("routing", "asked", "expected"), [("token", None, 2.0), ("block", None, 8.0), ("block", 3.0, 3.0)]
+    ("routing", "rank", "asked", "expected"),
+    [("token", 1, None, 2.0), ("block", 1, None, 8.0), ("block", 8, None, 0.125), ("block", 8, 3.0, 3.0)],
 )
-def test_the_tree_routers_learn_at_the_asked_ratio_or_the_one_recommended_for_its_routing(routing, asked, expected):
+def test_the_tree_routers_learn_at_the_asked_ratio_or_the_one_recommended_for_its_routing_and_rank(
+    routing, rank, asked, expected
+):
     from peft_tree_lora.app.facts_runs import _train_settings
 
-    settings = facts_job.JobSettings(routing=routing, router_lr_ratio=asked)
+    settings = facts_job.JobSettings(routing=routing, rank=rank, router_lr_ratio=asked)
     assert _train_settings(settings, steps=10, lr=0.01).router_lr_ratio == expected
 
 

@@ -565,11 +565,11 @@ def test_router_learning_rate_ratio_puts_every_router_in_its_own_group():
         create_tree_lora_optimizer(model, router_lr_ratio=0)
 
 
-def test_router_optimizer_without_a_ratio_gives_each_adapter_the_ratio_of_its_routing():
-    from peft_tree_lora.integrations.optim import ROUTER_LR_RATIOS, create_tree_lora_optimizer
+def test_router_optimizer_without_a_ratio_gives_each_adapter_the_ratio_of_its_routing_and_rank():
+    from peft_tree_lora.integrations.optim import create_tree_lora_optimizer, router_lr_ratio_for
 
-    model = get_peft_model(make_tiny_llama(), tree_config(routing="token"))
-    model.add_adapter("blocky", tree_config(routing="block"))
+    model = get_peft_model(make_tiny_llama(), tree_config(routing="token", r=2))
+    model.add_adapter("blocky", tree_config(routing="block", r=8))
     model.base_model.set_adapter(["default", "blocky"])  # both trainable
     optimizer = create_tree_lora_optimizer(model, lr=1e-3)
     by_lr = {round(group["lr"], 12): {id(p) for p in group["params"]} for group in optimizer.param_groups}
@@ -577,6 +577,19 @@ def test_router_optimizer_without_a_ratio_gives_each_adapter_the_ratio_of_its_ro
         adapter: {id(p) for n, p in model.named_parameters() if f".treelora_router.{adapter}." in n}
         for adapter in ("default", "blocky")
     }
-    assert by_lr[round(1e-3 * ROUTER_LR_RATIOS["token"], 12)] == routers_of["default"]
-    assert by_lr[round(1e-3 * ROUTER_LR_RATIOS["block"], 12)] == routers_of["blocky"]
-    assert ROUTER_LR_RATIOS["block"] != ROUTER_LR_RATIOS["token"]
+    assert by_lr[round(1e-3 * router_lr_ratio_for("token", 2), 12)] == routers_of["default"]
+    assert by_lr[round(1e-3 * router_lr_ratio_for("block", 8), 12)] == routers_of["blocky"]
+    assert router_lr_ratio_for("block", 8) != router_lr_ratio_for("token", 2)
+
+
+def test_recommended_router_ratio_slows_block_routers_as_leaves_widen_and_an_asked_ratio_wins():
+    from peft_tree_lora.integrations.optim import router_lr_ratio_for
+
+    block = [router_lr_ratio_for("block", rank) for rank in (1, 2, 3, 4, 8, 64)]
+    assert block[0] == block[1] == 8.0 and block[-2] == block[-1] == 0.125
+    assert block[1] > block[2] > block[3] > block[4]
+    assert block[3] == pytest.approx(1.0)  # halfway between rank 2 and 8 on a log scale
+    assert router_lr_ratio_for("token", 1) == router_lr_ratio_for("token", 8) == 2.0
+    assert router_lr_ratio_for("block", 8, asked=3.0) == 3.0
+    with pytest.raises(ValueError, match="routing must be one of"):
+        router_lr_ratio_for("per-layer", 8)

@@ -123,7 +123,7 @@ def report_markdown(data: dict[str, Any]) -> str:
     matched = data["compute_matched"]
     layers = data["layers"]
     routing = settings.get("routing", "token")
-    ratio = router_lr_ratio_for(routing, settings.get("router_lr_ratio"))
+    ratio = router_lr_ratio_for(routing, settings["rank"], settings.get("router_lr_ratio"))
     lines = [
         "# Synthetic facts: LoRA vs TreeLoRA",
         "",

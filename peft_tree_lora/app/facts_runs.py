@@ -238,7 +238,7 @@ def _train_settings(settings: JobSettings, steps: int, lr: float) -> TrainSettin
         warmup_steps=min(int(steps * settings.warmup_fraction), steps - 1),
         show_progress=False,  # the Trainer's own bars nest an eval bar and print log dicts; ProgressLine instead
         log_every=max(1, min(every, 10)),
-        router_lr_ratio=router_lr_ratio_for(settings.routing, settings.router_lr_ratio),
+        router_lr_ratio=router_lr_ratio_for(settings.routing, settings.rank, settings.router_lr_ratio),
     )
 
 

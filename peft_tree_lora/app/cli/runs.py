@@ -103,7 +103,7 @@ def train_settings(args: argparse.Namespace, save_every: int | None = None):
         warmup_steps=args.warmup_steps,
         save_every=save_every,
         show_progress=not args.quiet,
-        router_lr_ratio=router_lr_ratio_for(args.routing, args.router_lr_ratio),
+        router_lr_ratio=router_lr_ratio_for(args.routing, args.rank, args.router_lr_ratio),
     )
 
 
