@@ -132,7 +132,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--router-lr-ratio",
         type=float,
         default=None,
-        help="the tree's routers learn at --lr times this (default: 8 for block routing, 2 otherwise)",
+        help="the tree's routers learn at --lr times this (default: for block routing 8 up to rank 2, 1/8 from "
+        "rank 8; 2 otherwise)",
     )
     group.add_argument("--layers", default=defaults.layers, help="'all', 'lastN' or a comma list of layer indices")
     group.add_argument(

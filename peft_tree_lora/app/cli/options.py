@@ -90,8 +90,8 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         "--router-lr-ratio",
         type=float_range(0.0, 1e3, low_open=True, high_open=False),
         default=None,
-        help="routers learn at lr times this (default: 8 for block routing, 2 otherwise, the ratios the capacity "
-        "study chose on its exploration seeds)",
+        help="routers learn at lr times this (default: for block routing 8 up to rank 2, 1/8 from rank 8; 2 "
+        "otherwise; the ratios the capacity study chose on its exploration seeds)",
     )
     group.add_argument("--warmup-steps", type=int_range(0), default=None, help="default: a tenth of --steps")
     group.add_argument("--eval-every", type=int_range(1), default=20, help="held-out loss every N steps")
