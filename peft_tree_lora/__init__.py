@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import _peft_tree_lora_autoload
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _LAZY = {
     "MAX_DEPTH": ".tuner",

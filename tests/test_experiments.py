@@ -261,12 +261,19 @@ def test_capacity_compute_matched_rank_is_the_smallest_lora_rank_with_the_trees_
     # conftest's Llama per layer: q, o 32->32, k, v 32->16 (2 KV heads), gate, up 32->64, down 64->32: LoRA costs
     # 64 + 48 + 48 + 64 + 96 + 96 + 96 = 512 per rank and layer, 1024 for both layers. A token of the d=2 r=1 tree
     # touches one leaf (1024) and 2 routers of (in + 1) per module: 2 x 2 x (6 x 33 + 65) = 1052; 2076 in all, which
-    # rank 2 (2048) misses by 28 and rank 3 (3072) covers.
-    tree = get_peft_model(make_tiny_llama(), TreeLoraConfig(depth=2, r=1, target_modules="all-linear"))
+    # rank 2 (2048) misses by 28 and rank 3 (3072) covers. Block routing (the default) runs 2 routers per block, on
+    # q_proj's input: 1024 + 2 x 2 x 33 = 1156, which rank 2 covers.
+    tree = get_peft_model(
+        make_tiny_llama(), TreeLoraConfig(depth=2, r=1, routing="token", target_modules="all-linear")
+    )
     assert capacity.compute_matched_rank(tree) == {"rank": 3, "tree_active_per_token": 2076, "per_rank": 1024}
+    block = get_peft_model(make_tiny_llama(), TreeLoraConfig(depth=2, r=1, target_modules="all-linear"))
+    assert capacity.compute_matched_rank(block) == {"rank": 2, "tree_active_per_token": 1156, "per_rank": 1024}
     lora = get_peft_model(make_tiny_llama(), LoraConfig(r=1, target_modules="all-linear"))
     assert sum(p.numel() for p in lora.parameters() if p.requires_grad) == capacity.lora_params_per_rank(tree)
-    shallow = get_peft_model(make_tiny_llama(), TreeLoraConfig(depth=1, r=1, target_modules="all-linear"))
+    shallow = get_peft_model(
+        make_tiny_llama(), TreeLoraConfig(depth=1, r=1, routing="token", target_modules="all-linear")
+    )
     assert capacity.compute_matched_rank(shallow)["rank"] == 2  # 1024 + 526 = 1550
 
 
@@ -352,9 +359,9 @@ def test_capacity_study_runs_end_to_end(tmp_path):
     assert (out / "capacity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {"settings", "compute_matched", "arms", "roles", "runs", "summary", "verdict", "bases"} <= set(data)
     # TINY_MODEL, one layer: q, k, v, o 16->16, gate, up 16->32, down 32->16: 4 x 32 + 2 x 48 + 48 = 272 per rank.
-    # The d=1 tree's token: one leaf (272) plus one router of (in + 1) per module, 6 x 17 + 33 = 135: 407 > 272,
-    # so the compute-matched LoRA has rank 2, which is also r * 2**d: one arm plays both roles.
-    assert data["compute_matched"]["tree"] == {"rank": 2, "tree_active_per_token": 407, "per_rank": 272}
+    # The default (block-routed) d=1 tree's token: one leaf (272) plus the block's one router of (in + 1) on q_proj,
+    # 17: 289 > 272, so the compute-matched LoRA has rank 2, which is also r * 2**d: one arm plays both roles.
+    assert data["compute_matched"]["tree"] == {"rank": 2, "tree_active_per_token": 289, "per_rank": 272}
     assert data["compute_matched"]["tree_sequence"]["rank"] == 1
     assert data["roles"] == {
         "lora_r": "lora1",
@@ -376,8 +383,8 @@ def test_capacity_study_runs_end_to_end(tmp_path):
         )
     assert runs["tree_sequence"]["active_params_per_token"] == 272  # the sequence router runs once per sequence
     assert runs["lora2"]["trainable_params"] == 2 * 272 and runs["lora2"]["recall_soft"] is None
-    assert runs["tree"]["active_params_per_token"] == runs["tree_frozen_router"]["active_params_per_token"] == 407
-    assert runs["tree"]["trainable_params"] == 2 * 272 + 135
+    assert runs["tree"]["active_params_per_token"] == runs["tree_frozen_router"]["active_params_per_token"] == 289
+    assert runs["tree"]["trainable_params"] == 2 * 272 + 17
     assert runs["tree_frozen_router"]["trainable_params"] == 2 * 272  # routers frozen
     assert runs["tree_frozen_router"]["routers_unchanged"] is True
     for run in data["runs"]:

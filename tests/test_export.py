@@ -131,13 +131,15 @@ def test_the_router_json_recipe_picks_the_leaf_the_tree_picks_with_padding(tmp_p
     assert (spec["depth"], spec["embedding_module"], spec["hidden_size"]) == (DEPTH, "model.embed_tokens", 32)
 
 
+@pytest.mark.parametrize("routing", ["token", "block"])
 @pytest.mark.parametrize("depth", [1, 2])
-def test_export_refuses_token_routing_saying_why_and_what_to_use(depth, tmp_path):
-    model = tree_model(make_tiny_llama(), depth=depth, routing="token")
+def test_export_refuses_token_routing_saying_why_and_what_to_use(routing, depth, tmp_path):
+    model = tree_model(make_tiny_llama(), depth=depth, routing=routing)
     for export in (lambda: export_leaves(model, tmp_path / "all"), lambda: export_leaf(model, 0, tmp_path / "one")):
         with pytest.raises(TreeLoraUsageError, match="routes by token") as refusal:
             export()
-        assert "routing='sequence'" in str(refusal.value) and "no single LoRA" in str(refusal.value)
+        assert f"routing={routing!r}" in str(refusal.value) and "routing='sequence'" in str(refusal.value)
+        assert "no single LoRA" in str(refusal.value)
     assert not (tmp_path / "all").exists() and not (tmp_path / "one").exists()
 
 
@@ -336,7 +338,7 @@ def test_merging_a_pinned_leaf_gives_a_plain_model_equal_to_the_tree_on_that_lea
     torch.testing.assert_close(logits(reloaded, prompts), pinned_logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("routing", ["sequence", "token"])
+@pytest.mark.parametrize("routing", ["sequence", "token", "block"])
 @pytest.mark.parametrize("depth", [1, 2])
 def test_merging_an_unpinned_tree_is_refused_and_changes_nothing(routing, depth):
     model = tree_model(make_tiny_llama(), depth=depth, routing=routing, init_lora_weights=False).eval()

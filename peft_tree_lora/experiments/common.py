@@ -63,14 +63,15 @@ def tiny_llama(
 @dataclass(frozen=True)
 class Arm:
     """One compared way of going on training: `kind` is "full", "lora" or "tree". `options` are further
-    TreeLoraConfig arguments of a tree arm, as (name, value) pairs; they override `routing`."""
+    TreeLoraConfig arguments of a tree arm, as (name, value) pairs; they override `routing` (None: the config's
+    default)."""
 
     key: str
     label: str
     kind: str
     rank: int = 0
     depth: int = 0
-    routing: str = "token"
+    routing: str | None = None
     options: tuple[tuple[str, Any], ...] = ()
 
     def adapter_config(self, alpha_per_rank: float = 2.0) -> PeftConfig | None:
@@ -82,7 +83,7 @@ class Arm:
             return LoraConfig(
                 r=self.rank, lora_alpha=alpha_per_rank * self.rank, target_modules="all-linear", task_type="CAUSAL_LM"
             )
-        settings = {"routing": self.routing, **dict(self.options)}
+        settings = {**({"routing": self.routing} if self.routing else {}), **dict(self.options)}
         return TreeLoraConfig(
             depth=self.depth,
             r=self.rank,

@@ -142,10 +142,12 @@ def _jsonable(value: Any) -> Any:
 
 def check_exportable(tree: TreeWeights) -> None:
     """Refuse what no plain LoRA can reproduce, saying why and what to use instead."""
-    if tree.config.get("routing") == "token" and tree.depth > 0:
+    routing = tree.config.get("routing", "token")
+    if routing in ("token", "block") and tree.depth > 0:
+        picks = "every layer" if routing == "token" else "every block"
         raise TreeLoraUsageError(
-            f"Cannot export {tree.source} as LoRA: it routes by token (routing='token', depth {tree.depth}), so every "
-            "layer picks its own leaf for every token and no single LoRA reproduces it. Train with "
+            f"Cannot export {tree.source} as LoRA: it routes by token (routing={routing!r}, depth {tree.depth}), so "
+            f"{picks} picks its own leaf for every token and no single LoRA reproduces it. Train with "
             "routing='sequence' (one leaf per sequence, shared by every layer) to get leaves a multi-LoRA server can "
             "serve, or serve this adapter with transformers + peft-tree-lora (PeftModel.from_pretrained after "
             "`import peft_tree_lora`)."

@@ -48,9 +48,11 @@ class TreeLoraConfig(PeftConfig):
         layers_to_transform / layers_pattern: Restrict the adapter to some layer indices, as in LoRA.
         modules_to_save: Extra modules trained and saved in full (e.g. a classification head).
         bias: Only `"none"` is supported: TreeLoRA never trains biases.
-        routing: Where a module's route comes from. `"token"`: every target module routes each token by its own
-            input. `"block"`: one router per transformer block, on the block's first target module, routes each
-            token for every target module of the block (a leaf index is one expert across the block). `"sequence"`:
+        routing: Where a module's route comes from. `"block"` (default): one router per transformer block, on the
+            block's first target module, routes each token for every target module of the block (a leaf index is
+            one expert across the block; a module outside numbered blocks routes on its own). `"token"`: every
+            target module routes each token by its own input (more routers, and it stored fewer facts in the
+            capacity study). `"sequence"`:
             one leaf per sequence, chosen once from the mean of its input token embeddings and shared by every
             target module; in `generate()` the leaf chosen from the prompt holds for every new token of that call.
         training_routing: How training applies the leaves. `"hard"` (default): the forward pass is the one that is
@@ -108,8 +110,8 @@ class TreeLoraConfig(PeftConfig):
     )
     bias: Literal["none"] = field(default="none", metadata={"help": "Only 'none' is supported."})
     routing: Literal["token", "block", "sequence"] = field(
-        default="token",
-        metadata={"help": "'token': per token and module; 'block': per token, one router per block; 'sequence'."},
+        default="block",
+        metadata={"help": "'block': per token, one router per block (default); 'token': per module; 'sequence'."},
     )
     training_routing: Literal["hard", "switch", "soft"] = field(
         default="hard",
