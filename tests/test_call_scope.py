@@ -11,6 +11,8 @@ from conftest import make_tiny_llama
 from helpers import logits, trained_looking, tree_model
 from peft import PeftModel
 
+from peft_tree_lora import TreeLoraConfig, TreeLoraLinear
+
 ROUTINGS = ["token", "block", "sequence"]
 
 
@@ -73,6 +75,16 @@ def test_an_inner_module_called_outside_a_model_call_is_refused_rather_than_give
     layer = model.base_model.model.model.layers[0].self_attn.v_proj
     with pytest.raises(RuntimeError, match="inner modules"):
         layer(torch.randn(input_ids.shape[0], input_ids.shape[1], layer.in_features))
+
+
+def test_a_block_routed_layer_built_on_its_own_routes_by_its_own_router_as_a_token_routed_one():
+    outputs = []
+    for routing in ("token", "block"):
+        torch.manual_seed(0)
+        config = TreeLoraConfig(depth=3, r=2, routing=routing, init_lora_weights=False, target_modules=["x"])
+        layer = TreeLoraLinear(torch.nn.Linear(16, 12), "default", config, "x").eval()
+        outputs.append(layer(torch.randn(40, 16, generator=torch.Generator().manual_seed(1))))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("routing", ROUTINGS)

@@ -27,9 +27,9 @@ def test_registering_twice_is_harmless():
     assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.TREELORA] is TreeLoraConfig
 
 
-def test_defaults_describe_a_token_routed_tree():
+def test_defaults_describe_a_block_routed_tree():
     config = TreeLoraConfig()
-    assert (config.depth, config.r, config.routing, config.inference_routing) == (3, 8, "token", "hard")
+    assert (config.depth, config.r, config.routing, config.inference_routing) == (3, 8, "block", "hard")
     assert config.num_leaves == 8
     assert config.peft_type == PeftType.TREELORA
 

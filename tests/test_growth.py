@@ -21,8 +21,9 @@ def test_growing_with_exact_copies_keeps_every_output(routing, depth, input_ids)
     torch.testing.assert_close(logits(model, input_ids), before, rtol=1e-5, atol=1e-5)
 
 
-def test_a_grown_tree_is_one_level_deeper_everywhere_and_keeps_its_top_routes(input_ids):
-    model = trained_looking(tree_model(make_tiny_llama(), depth=2))
+@pytest.mark.parametrize("routing", ["token", "block"])
+def test_a_grown_tree_is_one_level_deeper_everywhere_and_keeps_its_top_routes(routing, input_ids):
+    model = trained_looking(tree_model(make_tiny_llama(), depth=2, routing=routing))
     counts = model.base_model.parameter_counts()
     old_routes = model.base_model.leaf_routes(input_ids)
     model.base_model.grow_tree(seed=0)
@@ -30,11 +31,13 @@ def test_a_grown_tree_is_one_level_deeper_everywhere_and_keeps_its_top_routes(in
     assert config.depth == 3
     layers = [m for m in model.modules() if isinstance(m, TreeLoraLinear)]
     assert all(m.treelora_A["default"].shape[0] == 8 == m.treelora_B["default"].shape[0] for m in layers)
-    assert all(m.treelora_router["default"].weight.shape[0] == 7 for m in layers)
+    routed = [m for m in layers if "default" in m.treelora_router]  # block routing: each block's first module
+    assert len(routed) == (len(layers) if routing == "token" else 2)
+    assert all(m.treelora_router["default"].weight.shape[0] == 7 for m in routed)
     grown = model.base_model.parameter_counts()
     leaf_params = sum(m.treelora_A["default"].numel() + m.treelora_B["default"].numel() for m in layers)
-    assert grown["total"] - counts["total"] == leaf_params // 2 + sum(4 * (m.in_features + 1) for m in layers)
-    assert grown["active_per_token"] - counts["active_per_token"] == sum(m.in_features + 1 for m in layers)
+    assert grown["total"] - counts["total"] == leaf_params // 2 + sum(4 * (m.in_features + 1) for m in routed)
+    assert grown["active_per_token"] - counts["active_per_token"] == sum(m.in_features + 1 for m in routed)
     routes = model.base_model.leaf_routes(input_ids)
     assert routes.keys() == old_routes.keys()
     for name, leaf in routes.items():  # the old routers still decide the first two levels: leaf k became 2k or 2k+1

@@ -29,6 +29,7 @@ def path_layer(depth: int, r: int, path_node_rank: int | None = None, seed: int 
         lora_alpha=2 * r,
         leaf_layout="path",
         path_node_rank=path_node_rank,
+        routing="token",
         init_lora_weights=False,
         target_modules=["x"],
     )

@@ -11,7 +11,8 @@ from typing import Any
 class TreeVariant:
     """A tree arm: TreeLoraConfig arguments on top of the default tree (depth d, rank r, lora_alpha 2 r, every linear
     layer, the config's defaults: block routing, hard training) and runner settings (e.g. a router learning-rate
-    ratio; without one, the ratio `router_lr_ratio_for` recommends for the arm's routing and rank). A new variant is one more line of `TREE_VARIANTS`. With `rank_times_levels` the variant's rank is the
+    ratio; without one, the ratio `router_lr_ratio_for` recommends for the arm's routing and rank). A new variant is
+    one more line of `TREE_VARIANTS`. With `rank_times_levels` the variant's rank is the
     study's r times depth + 1, the nodes of a path: a path-layout tree then gives each node of a path rank r. With
     `rank_factor` it is the study's r times that factor (wider leaves at the same depth). A `grown` variant is
     trained as a depth-0 tree (a LoRA) and grown one level at a time (`grow_tree`, upcycling): depth + 1 stages, each
@@ -31,7 +32,9 @@ ROUTERS_8X = (("router_lr_ratio", 8.0),)  # chosen on seeds 0 and 100 (not test 
 TOKEN = (("routing", "token"),)
 TREE_VARIANTS: list[TreeVariant] = [
     TreeVariant("tree", "block routing, hard training, routers at the recommended ratio (the defaults)"),
-    TreeVariant("tree_token", "token routing, hard training, routers at 2x (the defaults until 0.3)", TOKEN, ROUTERS_2X),
+    TreeVariant(
+        "tree_token", "token routing, hard training, routers at 2x (the defaults before 0.3)", TOKEN, ROUTERS_2X
+    ),
     TreeVariant("tree_block", "block routing, hard training, routers at 2x", (("routing", "block"),), ROUTERS_2X),
     TreeVariant("tree_block_lr8", "block routing, hard training, routers at 8x", (("routing", "block"),), ROUTERS_8X),
     TreeVariant(

@@ -70,7 +70,12 @@ def add_tree_options(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_LAYERS,
         help="layers to adapt: 'all', 'lastN' (default last8), 'A-B' or '3,5,7'",
     )
-    group.add_argument("--routing", choices=("token", "block", "sequence"), default="token")
+    group.add_argument(
+        "--routing",
+        choices=("token", "block", "sequence"),
+        default="block",
+        help="block (default): one router per transformer block; token: one per module; sequence: one leaf per text",
+    )
     group.add_argument(
         "--training-routing",
         choices=("hard", "switch", "soft"),

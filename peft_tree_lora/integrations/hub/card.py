@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 CARD_TAGS = ("peft", *MODEL_TAGS)
 _SECTION = re.compile(r"<!-- BEGIN peft-tree-lora(?P<key>[^>]*?) -->.*?<!-- END peft-tree-lora(?P=key) -->", re.DOTALL)
 ROUTING_TEXT = {
+    "block": "block: one router per transformer block, on its first adapted layer, routes every token for every "
+    "adapted layer of the block",
     "token": "token: every adapted layer routes every token by its own input",
     "sequence": "sequence: one leaf per sequence, chosen from the mean of its input token embeddings and shared by "
     "every adapted layer (kept for the whole generation)",
@@ -142,7 +144,8 @@ def card_section(summary: AdapterSummary, load_from: str, key: str = "", load_kw
         )
     else:
         load = f'from peft import PeftModel\n\nmodel = PeftModel.from_pretrained(base_model, "{load_from}"{kwargs})'
-    router_note = ", plus the routers on its path" if summary.routing == "token" and summary.depth else ""
+    router_note = {"token": ", plus the routers on its path", "block": ", plus its block's routers on the path"}
+    router_note = router_note.get(summary.routing, "") if summary.depth else ""
     if summary.depth == 0:
         shape = "depth 0: a single LoRA on every adapted layer"
     else:
