@@ -28,7 +28,8 @@ HIDDEN, INTERMEDIATE, KV, LAYERS = 32, 64, 16, 2
 SHAPES = [(HIDDEN, HIDDEN), (HIDDEN, KV), (HIDDEN, KV), (HIDDEN, HIDDEN)]
 SHAPES += [(HIDDEN, INTERMEDIATE), (HIDDEN, INTERMEDIATE), (INTERMEDIATE, HIDDEN)]
 LORA_PER_RANK = LAYERS * sum(i + o for i, o in SHAPES)  # 1,024
-TREE_ACTIVE = LORA_PER_RANK + LAYERS * sum(3 * (i + 1) for i, _ in SHAPES)  # one leaf + 3 routers (w, b) per module
+TOKEN_TREE_ACTIVE = LORA_PER_RANK + LAYERS * sum(3 * (i + 1) for i, _ in SHAPES)  # a leaf + 3 routers per module
+TREE_ACTIVE = LORA_PER_RANK + LAYERS * 3 * (HIDDEN + 1)  # block routing (default): a leaf + 3 routers per block
 
 
 @pytest.fixture(scope="module")
@@ -119,11 +120,11 @@ def test_a_biography_states_every_fact_once_in_a_trained_paraphrase_rotating_wit
 
 def test_compute_matched_rank_counts_the_tree_leaf_and_routers_per_token():
     model = make_tiny_llama()
-    settings = facts_job.JobSettings(rank=1, depth=3, layers="all")
+    settings = facts_job.JobSettings(rank=1, depth=3, layers="all", routing="token")
     names = facts_job.target_modules("all-linear", model)
     counted = facts_job.compute_matched(facts_job.copies_of(model), settings, names, None)
     assert counted["lora_params_per_rank"] == LORA_PER_RANK == 1024
-    assert counted["tree_active_per_token"] == TREE_ACTIVE == 2602
+    assert counted["tree_active_per_token"] == TOKEN_TREE_ACTIVE == 2602
     assert counted["rank"] == 3  # 2 x 1024 < 2602 <= 3 x 1024
     assert facts_job.compute_matched_rank(2048, 1024) == 2 and facts_job.compute_matched_rank(2049, 1024) == 3
 
@@ -133,10 +134,11 @@ def test_block_routing_trees_count_one_router_per_block_and_get_a_smaller_matche
     per module, so it touches fewer parameters per token than the token-routed tree."""
     model = make_tiny_llama()
     names = facts_job.target_modules("all-linear", model)
-    token = facts_job.compute_matched(facts_job.copies_of(model), facts_job.JobSettings(layers="all"), names, None)
-    block_settings = facts_job.JobSettings(layers="all", routing="block")
-    block = facts_job.compute_matched(facts_job.copies_of(model), block_settings, names, None)
-    assert LORA_PER_RANK < block["tree_active_per_token"] < token["tree_active_per_token"]
+    token_settings = facts_job.JobSettings(layers="all", routing="token")
+    token = facts_job.compute_matched(facts_job.copies_of(model), token_settings, names, None)
+    block = facts_job.compute_matched(facts_job.copies_of(model), facts_job.JobSettings(layers="all"), names, None)
+    assert LORA_PER_RANK < block["tree_active_per_token"] == TREE_ACTIVE == 1222 < token["tree_active_per_token"]
+    assert (block["rank"], token["rank"]) == (2, 3)
     tree_arm = facts_job.job_arms(1, 3, block["rank"], "block")[1]
     assert facts_job.adapter_config(tree_arm, names, None).routing == "block" and "block routing" in tree_arm.label
 
@@ -181,12 +183,12 @@ def test_job_runs_end_to_end_and_writes_report_json_and_plots(model_folder, tmp_
     assert data["compute_matched"] == {
         "tree_active_per_token": TREE_ACTIVE,
         "lora_params_per_rank": LORA_PER_RANK,
-        "rank": 3,
+        "rank": 2,
     }
     arms = data["arms"]
     assert [arm["key"] for arm in arms] == ["lora_r1", "tree", "compute_matched", "lora_r8"]
-    assert [(arm["kind"], arm["rank"]) for arm in arms] == [("lora", 1), ("tree", 1), ("lora", 3), ("lora", 8)]
-    assert [arm["trainable_params"] for arm in arms][::2] == [LORA_PER_RANK, 3 * LORA_PER_RANK]
+    assert [(arm["kind"], arm["rank"]) for arm in arms] == [("lora", 1), ("tree", 1), ("lora", 2), ("lora", 8)]
+    assert [arm["trainable_params"] for arm in arms][::2] == [LORA_PER_RANK, 2 * LORA_PER_RANK]
     assert arms[3]["trainable_params"] == 8 * LORA_PER_RANK
     assert arms[1]["active_params_per_token"] == TREE_ACTIVE
     assert arms[1]["leaf_usage"]
@@ -208,9 +210,9 @@ def test_job_runs_end_to_end_and_writes_report_json_and_plots(model_folder, tmp_
     for name in ("recall.png", "heldout_loss.png", "leaf_usage_tree.png"):
         assert (output / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (output / "report.md").read_text()
-    assert "LoRA r=3 (compute-matched)" in report and "| TreeLoRA d=3 r=1 |" in report
+    assert "LoRA r=2 (compute-matched)" in report and "| TreeLoRA d=3 r=1, block routing |" in report
     assert "![recall per arm](recall.png)" in report
-    assert "token routing, hard training routing (trains the served function), routers at 2x" in report
+    assert "block routing, hard training routing (trains the served function), routers at 8x" in report
     assert not [p for p in output.iterdir() if "partial" in p.name]
 
     # the console: one table, progress lines, no raw log dictionaries or nested evaluation bars

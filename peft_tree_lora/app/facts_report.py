@@ -122,7 +122,7 @@ def report_markdown(data: dict[str, Any]) -> str:
     wide = settings["rank"] * 2 ** settings["depth"]
     matched = data["compute_matched"]
     layers = data["layers"]
-    routing = settings.get("routing", "token")
+    routing = settings.get("routing", "token")  # results written before 0.3 did not record it: token then
     ratio = router_lr_ratio_for(routing, settings["rank"], settings.get("router_lr_ratio"))
     lines = [
         "# Synthetic facts: LoRA vs TreeLoRA",

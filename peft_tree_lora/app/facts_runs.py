@@ -44,7 +44,7 @@ class JobSettings:
     lr_sweep: list[float] = field(default_factory=list)
     rank: int = 1
     depth: int = 3
-    routing: str = "token"
+    routing: str = "block"
     router_lr_ratio: float | None = None  # None: the ratio recommended for the routing (router_lr_ratio_for)
     layers: str = "last4"
     target_modules: str = "all-linear"
@@ -86,7 +86,7 @@ class Arm:
     kind: str  # "lora" or "tree"
     rank: int
     depth: int = 0
-    routing: str = "token"
+    routing: str = "block"
 
 
 def copies_of(base: torch.nn.Module) -> Callable[[], torch.nn.Module]:
@@ -98,9 +98,9 @@ def copies_of(base: torch.nn.Module) -> Callable[[], torch.nn.Module]:
     return fresh
 
 
-def job_arms(rank: int, depth: int, matched_rank: int, routing: str = "token") -> list[Arm]:
+def job_arms(rank: int, depth: int, matched_rank: int, routing: str = "block") -> list[Arm]:
     wide = rank * 2**depth
-    scope = "" if routing == "token" else f", {routing} routing"
+    scope = f", {routing} routing"
     return [
         Arm(f"lora_r{rank}", f"LoRA r={rank}", "lora", rank),
         Arm("tree", f"TreeLoRA d={depth} r={rank}{scope}", "tree", rank, depth, routing),
