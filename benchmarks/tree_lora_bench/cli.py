@@ -114,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
             for depth in depths:
                 token = tree_variant(base, depth, "token", targets)
                 models[f"TreeLoRA d={depth} token"] = token
+                models[f"TreeLoRA d={depth} block"] = tree_variant(base, depth, "block", targets, donor=token)
                 models[f"TreeLoRA d={depth} sequence"] = tree_variant(base, depth, "sequence", targets, donor=token)
             tasks = {name: timed(eval_forward(model.eval(), input_ids)) for name, model in models.items()}
             results += interleaved("eval forward", tasks, rounds, 1, rng, log).values()
@@ -125,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         models = {REFERENCE: lora_variant(base, 8, targets)}
         for mode in ("hard", "switch", "soft"):  # each training routing, against LoRA r and LoRA r * 2**d
             models[f"TreeLoRA d=4 token, {mode} training"] = tree_variant(base, 4, "token", targets, None, mode)
+        models["TreeLoRA d=4 block, hard training"] = tree_variant(base, 4, "block", targets)
         models["LoRA r=128"] = lora_variant(base, 128, targets)
         tasks = {name: timed(training_step(model, input_ids)) for name, model in models.items()}
         results += interleaved("training step", tasks, rounds, 1, rng, log).values()
@@ -137,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         models = {
             REFERENCE: lora_variant(base, 8, targets),
             "TreeLoRA d=4 token": tree_variant(base, 4, "token", targets),
+            "TreeLoRA d=4 block": tree_variant(base, 4, "block", targets),
             "TreeLoRA d=4 sequence": tree_variant(base, 4, "sequence", targets),
         }
         for model in models.values():  # warm-up: a short generation, not a full one

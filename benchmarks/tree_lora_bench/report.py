@@ -71,27 +71,29 @@ def targets_table(results: list[Series]) -> str:
         verdict = "-" if ok is None else ("met" if ok else "missed")
         rows.append(f"| {what} | {shown} | {limit} | {verdict} |")
 
-    token4 = median_ratio(results, fwd, "TreeLoRA d=4 token")
-    seq4 = median_ratio(results, fwd, "TreeLoRA d=4 sequence")
-    add("eval forward, token routing d=4 / LoRA r=8", token4, "<= 1.10", None if token4 is None else token4 <= 1.10)
-    add("eval forward, sequence routing d=4 / LoRA r=8", seq4, "<= 1.05", None if seq4 is None else seq4 <= 1.05)
-    for routing in ("token", "sequence"):
+    for routing, limit in (("token", 1.10), ("block", 1.10), ("sequence", 1.05)):
+        value = median_ratio(results, fwd, f"TreeLoRA d=4 {routing}")
+        ok = None if value is None else value <= limit
+        add(f"eval forward, {routing} routing d=4 / LoRA r=8", value, f"<= {limit:.2f}", ok)
+    for routing in ("token", "block", "sequence"):
         d8 = median_ratio(results, fwd, f"TreeLoRA d=8 {routing}")
         d1 = median_ratio(results, fwd, f"TreeLoRA d=1 {routing}")
         value = None if d8 is None or d1 is None else d8 / d1
         add(f"eval forward, {routing} routing d=8 / d=1", value, "<= 1.15", None if value is None else value <= 1.15)
     train128 = median_ratio(results, "training step", "LoRA r=128")
-    for mode in ("hard", "switch", "soft"):
-        train4 = median_ratio(results, "training step", f"TreeLoRA d=4 token, {mode} training")
+    for routing, mode in (("token", "hard"), ("token", "switch"), ("token", "soft"), ("block", "hard")):
+        train4 = median_ratio(results, "training step", f"TreeLoRA d=4 {routing}, {mode} training")
+        label = mode if routing == "token" else f"{routing} routing, {mode}"
         add(
-            f"training step d=4, {mode} training / LoRA r=8",
+            f"training step d=4, {label} training / LoRA r=8",
             train4,
             "<= 1.2",
             None if train4 is None else train4 <= 1.2,
         )
         value = None if train4 is None or train128 is None else train4 / train128
-        add(f"training step d=4, {mode} training / LoRA r=128", value, "< 1.0", None if value is None else value < 1.0)
-    for routing, floor in (("token", 0.9), ("sequence", 0.95)):
+        ok = None if value is None else value < 1.0
+        add(f"training step d=4, {label} training / LoRA r=128", value, "< 1.0", ok)
+    for routing, floor in (("token", 0.9), ("block", 0.9), ("sequence", 0.95)):
         gen = median_ratio(results, "generate", f"TreeLoRA d=4 {routing}")
         ok = None if gen is None else gen >= floor
         add(f"generate tokens/s, {routing} routing d=4 / LoRA r=8", gen, f">= {floor}", ok)
@@ -108,7 +110,7 @@ def plot(results: list[Series], depths: list[int], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for routing, marker in (("token", "o"), ("sequence", "s")):
+    for routing, marker in (("token", "o"), ("block", "^"), ("sequence", "s")):
         xs, ys, lo, hi = [], [], [], []
         for depth in depths:
             for s in results:
