@@ -57,7 +57,7 @@ def test_model_call_traces_without_graph_breaks(routing, training):
 
 
 @pytest.mark.parametrize("training_routing", ["hard", "switch"])
-@pytest.mark.parametrize("routing", ["token", "sequence"])
+@pytest.mark.parametrize("routing", ROUTINGS)
 def test_compiled_training_step_gives_eager_loss_and_gradients(routing, training_routing):
     model, step = compiled_case(routing, True, training_routing)
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)

@@ -161,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
         models = {
             REFERENCE: lora_variant(base, 8, targets),
             "TreeLoRA d=4 token": tree_variant(base, 4, "token", targets),
+            "TreeLoRA d=4 block": tree_variant(base, 4, "block", targets),
             "TreeLoRA d=4 sequence": tree_variant(base, 4, "sequence", targets),
         }
         compiled_results, compiled_notes = compile_section(models, input_ids, rounds, rng, log)
