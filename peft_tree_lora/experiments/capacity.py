@@ -177,7 +177,7 @@ def train_arm(
     frozen = FrozenRouterFactory(data.base_factory, config, data.seed) if study_arm.freeze_router else None
     asked = dict(study_arm.training)
     if arm.kind == "tree" and "router_lr_ratio" not in asked:  # what create_tree_lora_optimizer gives by default
-        asked["router_lr_ratio"] = router_lr_ratio_for(getattr(config, "routing", "token"), arm.rank)
+        asked["router_lr_ratio"] = router_lr_ratio_for(config.routing, config.r)
     training = replace(train_settings(settings, data.steps, lr, data.seed, show_progress), **asked)
     if study_arm.grown:
         result = train_grown(arm.key, config, data, training)

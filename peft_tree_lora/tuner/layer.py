@@ -121,6 +121,8 @@ class TreeLoraLinear(nn.Module, TreeLoraLayer):
         LEAF_LAYOUTS[config.leaf_layout].create(self, adapter_name, config)
         if config.routing in ("token", "block") and config.depth > 0:
             self.treelora_router[adapter_name] = self.new_router(self.in_features, config)
+        if config.routing == "block":  # its own block until the tuner groups the modules of a model's blocks
+            self.block_name[adapter_name] = self.module_name
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 

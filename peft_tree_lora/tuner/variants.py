@@ -147,7 +147,7 @@ class BlockScope(TokenScope):
     def route(
         self, layer: TreeLoraLinear, adapter: str, x: torch.Tensor, call: RoutingCall | None, with_logits: bool
     ) -> tuple[Route, torch.Tensor | None]:
-        key = (layer.block_name.get(adapter, layer.module_name), adapter)  # a layer outside a model: its own block
+        key = (layer.block_name[adapter], adapter)
         if adapter in layer.treelora_router:
             route, aux = super().route(layer, adapter, x, call, with_logits)
             if call is not None:

@@ -30,6 +30,7 @@ ROUTING_TEXT = {
     "sequence": "sequence: one leaf per sequence, chosen from the mean of its input token embeddings and shared by "
     "every adapted layer (kept for the whole generation)",
 }
+ROUTER_NOTE = {"token": ", plus the routers on its path", "block": ", plus its block's routers on the path"}
 
 
 # --- what a saved adapter holds ------------------------------------------------------------------------------
@@ -144,8 +145,7 @@ def card_section(summary: AdapterSummary, load_from: str, key: str = "", load_kw
         )
     else:
         load = f'from peft import PeftModel\n\nmodel = PeftModel.from_pretrained(base_model, "{load_from}"{kwargs})'
-    router_note = {"token": ", plus the routers on its path", "block": ", plus its block's routers on the path"}
-    router_note = router_note.get(summary.routing, "") if summary.depth else ""
+    router_note = ROUTER_NOTE.get(summary.routing, "") if summary.depth else ""
     if summary.depth == 0:
         shape = "depth 0: a single LoRA on every adapted layer"
     else:
