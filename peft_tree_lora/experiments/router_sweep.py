@@ -30,18 +30,25 @@ def tree_arms(
     ratios: list[float],
     options: dict[str, Any],
     learning_fraction: float = 1.0,
+    hardening: list[float] | None = None,
 ) -> list[StudyArm]:
-    """One tree arm per router learning-rate ratio (0 = routers frozen at init, the study's control)."""
+    """One tree arm per router learning-rate ratio (0 = routers frozen at init, the study's control), and per
+    hardening-loss weight when `hardening` lists some."""
     arms = []
     for ratio in ratios:
-        key = "frozen" if ratio == 0 else f"ratio{ratio:g}"
-        label = f"tree, routers {'frozen' if ratio == 0 else f'at {ratio:g}x'}"
-        tree = Arm(key, label, "tree", settings.rank, settings.depth, options=(("routing", routing), *options.items()))
-        # the frozen arm's ratio only makes the runner build the same AdamW as for the others (its routers are out)
-        training = (("router_lr_ratio", float(ratio or 2.0)),)
-        if ratio and learning_fraction < 1:
-            training += (("router_learning_fraction", learning_fraction),)
-        arms.append(StudyArm(tree, ("tree",), training, freeze_router=ratio == 0))
+        for weight in hardening or [None]:
+            key = "frozen" if ratio == 0 else f"ratio{ratio:g}"
+            label = f"tree, routers {'frozen' if ratio == 0 else f'at {ratio:g}x'}"
+            tree_options = (("routing", routing), *options.items())
+            if weight is not None:
+                key, label = f"{key}-hardening{weight:g}", f"{label}, hardening {weight:g}"
+                tree_options += (("hardening_loss_weight", weight),)
+            tree = Arm(key, label, "tree", settings.rank, settings.depth, options=tree_options)
+            # the frozen arm's ratio only makes the runner build the same AdamW as the others' (its routers are out)
+            training = (("router_lr_ratio", float(ratio or 2.0)),)
+            if ratio and learning_fraction < 1:
+                training += (("router_learning_fraction", learning_fraction),)
+            arms.append(StudyArm(tree, ("tree",), training, freeze_router=ratio == 0))
     return arms
 
 
@@ -60,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-lr", type=float, default=0.02, help="the LoRA arm's rate (the study's choice)")
     parser.add_argument("--lora-rank", type=int, default=None, help="default: the tree's compute-matched rank")
     parser.add_argument("--option", action="append", default=[], help="TreeLoraConfig key=value for every tree")
+    parser.add_argument(
+        "--hardening", type=float, nargs="+", default=None, help="one tree per hardening-loss weight (and ratio)"
+    )
     parser.add_argument(
         "--router-learning-fraction", type=float, default=1.0, help="routers freeze after this share of the steps"
     )
@@ -82,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = CapacitySettings(people=args.people, rank=args.rank, seeds=args.seeds, lr_grid=[args.lr], **model)
     settings.validate()
     tokenizer = WordTokenizer()
-    trees = tree_arms(settings, args.routing, args.ratios, options, args.router_learning_fraction)
+    trees = tree_arms(settings, args.routing, args.ratios, options, args.router_learning_fraction, args.hardening)
     lora_rank = args.lora_rank or matched_lora(settings, tokenizer, trees[0].arm)["rank"]
     arms = [lora_arm(lora_rank), *trees]
     runs = []
@@ -93,9 +103,11 @@ def main(argv: list[str] | None = None) -> int:
             lr = args.lora_lr if arm.arm.kind == "lora" else args.lr
             run = train_arm(arm, data, lr, settings, tokenizer, False)
             seconds = time.perf_counter() - started
-            keep = {"recall": run["recall"], "held_out_loss": run["held_out_loss"], "seconds": seconds}
+            kept = ("recall", "held_out_loss", "soft_minus_hard_recall", "soft_minus_hard_loss")
+            keep = {**{name: run[name] for name in kept}, "seconds": seconds}
             runs.append({"seed": seed, "arm": arm.key, "label": arm.arm.label, **keep})
-            print(f"seed {seed}: {arm.arm.label}: held-out recall {run['recall']:.1%}", flush=True)
+            gap = "" if run["soft_minus_hard_loss"] is None else f", mixed - served {run['soft_minus_hard_loss']:+.4f}"
+            print(f"seed {seed}: {arm.arm.label}: held-out recall {run['recall']:.1%}{gap}", flush=True)
     print("\n| arm | " + " | ".join(f"seed {s}" for s in args.seeds) + " |")
     print("| --- |" + " ---: |" * len(args.seeds))
     for arm in arms:
