@@ -483,3 +483,20 @@ def test_router_sweep_trains_a_frozen_control_and_one_tree_per_ratio_beside_the_
     assert [run["arm"] for run in data["runs"]] == [f"lora{data['lora_rank']}", "frozen", "ratio8"]
     assert data["lora_rank"] >= 1 and all(0.0 <= run["recall"] <= 1.0 for run in data["runs"])
     assert "| tree, routers at 8x |" in capsys.readouterr().out
+
+
+def test_router_sweep_trains_one_tree_per_hardening_weight_and_keeps_each_trees_mixed_minus_served_gap(tmp_path):
+    from peft_tree_lora.experiments import router_sweep
+
+    out = tmp_path / "sweep.json"
+    arguments = [*TINY_MODEL, "--people", "4", "--background", "8", "--background-epochs", "2", "--epochs", "2"]
+    arguments += ["--seeds", "0", "--ratios", "8", "--hardening", "0", "0.1", "--rank", "1", "--out", str(out)]
+    assert router_sweep.main(arguments) == 0
+    runs = {run["arm"]: run for run in json.loads(out.read_text())["runs"]}
+    assert set(runs) == {
+        next(key for key in runs if key.startswith("lora")),
+        "ratio8-hardening0",
+        "ratio8-hardening0.1",
+    }
+    assert runs["ratio8-hardening0"]["held_out_loss"] != runs["ratio8-hardening0.1"]["held_out_loss"]
+    assert all(isinstance(runs[key]["soft_minus_hard_loss"], float) for key in runs if key.startswith("ratio"))

@@ -126,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
         models = {REFERENCE: lora_variant(base, 8, targets)}
         for mode in ("hard", "switch", "soft"):  # each training routing, against LoRA r and LoRA r * 2**d
             models[f"TreeLoRA d=4 token, {mode} training"] = tree_variant(base, 4, "token", targets, None, mode)
-        models["TreeLoRA d=4 block, hard training"] = tree_variant(base, 4, "block", targets)
+        for mode in ("hard", "switch"):
+            models[f"TreeLoRA d=4 block, {mode} training"] = tree_variant(base, 4, "block", targets, None, mode)
         models["LoRA r=128"] = lora_variant(base, 128, targets)
         tasks = {name: timed(training_step(model, input_ids)) for name, model in models.items()}
         results += interleaved("training step", tasks, rounds, 1, rng, log).values()

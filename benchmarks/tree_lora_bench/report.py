@@ -81,7 +81,13 @@ def targets_table(results: list[Series]) -> str:
         value = None if d8 is None or d1 is None else d8 / d1
         add(f"eval forward, {routing} routing d=8 / d=1", value, "<= 1.15", None if value is None else value <= 1.15)
     train128 = median_ratio(results, "training step", "LoRA r=128")
-    for routing, mode in (("token", "hard"), ("token", "switch"), ("token", "soft"), ("block", "hard")):
+    for routing, mode in (
+        ("token", "hard"),
+        ("token", "switch"),
+        ("token", "soft"),
+        ("block", "hard"),
+        ("block", "switch"),
+    ):
         train4 = median_ratio(results, "training step", f"TreeLoRA d=4 {routing}, {mode} training")
         label = mode if routing == "token" else f"{routing} routing, {mode}"
         add(
