@@ -159,10 +159,10 @@ def test_saturation_study_runs_end_to_end_with_the_compute_matched_lora(tmp_path
     assert status == 0
     data = json.loads((out / "saturation.json").read_text())
     assert (out / "saturation_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # TINY_MODEL, one layer: LoRA costs 4 x 32 + 3 x 48 = 272 per rank. A token of the d=2 r=1 tree touches one leaf
-    # (272) and 2 routers of (in + 1) per module, 2 x (6 x 17 + 33) = 270: 542, which rank 2 (544) just covers.
-    assert data["compute_matched"] == {"rank": 2, "tree_active_per_token": 542, "per_rank": 272}
-    keys = ["full", "full_constant", "lora1", "lora2", "lora4", "tree", "tree_sequence"]
+    # TINY_MODEL, one layer: LoRA costs 4 x 32 + 3 x 48 = 272 per rank. A token of the default (block-routed) d=2 r=1
+    # tree touches one leaf (272) and the 2 routers of its block, on q_proj's input, 2 x 17: 306, under rank 2 (544).
+    assert data["compute_matched"] == {"rank": 2, "tree_active_per_token": 306, "per_rank": 272}
+    keys = ["full", "full_constant", "lora1", "lora2", "lora4", "tree", "tree_token", "tree_sequence"]
     assert [a["key"] for a in data["arms"]] == keys
     assert data["roles"] == {
         "full": "full",
@@ -171,14 +171,18 @@ def test_saturation_study_runs_end_to_end_with_the_compute_matched_lora(tmp_path
         "compute_matched": "lora2",
         "lora_all_leaves": "lora4",
         "tree": "tree",
+        "tree_token": "tree_token",
         "tree_sequence": "tree_sequence",
     }
     runs = {(r["arm"], r["seed"]): r for r in data["runs"]}
     assert len(runs) == 2 * len(keys) and len(data["bases"]) == 2
     assert runs["tree_sequence", 0]["active_params_per_token"] == 272  # the sequence router runs once per sequence
     assert runs["lora2", 0]["trainable_params"] == runs["lora2", 0]["active_params_per_token"] == 2 * 272
-    assert runs["tree", 0]["active_params_per_token"] == 542
-    assert runs["tree", 0]["trainable_params"] == 4 * 272 + 3 * 135  # four leaves, three routers per module
+    assert runs["tree", 0]["active_params_per_token"] == 306
+    assert runs["tree", 0]["trainable_params"] == 4 * 272 + 3 * 17  # four leaves per module, three routers per block
+    # token routing: 2 routers of (in + 1) on the path in every module, 2 x (6 x 17 + 33) = 270
+    assert runs["tree_token", 0]["active_params_per_token"] == 542
+    assert runs["tree_token", 0]["trainable_params"] == 4 * 272 + 3 * 135  # three routers per module
     bases = {b["seed"]: b for b in data["bases"]}
     assert bases[0]["test_loss"] != bases[1]["test_loss"]  # each seed pretrains its own base
     for (_, seed), run in runs.items():
@@ -199,14 +203,15 @@ def test_saturation_pretraining_stops_at_the_plateau_and_the_page_says_so(tmp_pa
     status = cli_main(
         ["experiment", "saturation", *TINY_MODEL, *TINY_SATURATION, "--data", str(tiny_corpus(tmp_path))]
         + ["--max-pretrain-steps", "8", "--patience", "1", "--min-improvement", "0.99", "--rank", "1"]
-        + ["--depth", "1", "--seeds", "3", "--no-tree-sequence", "--no-plateau-control", "--out", str(out)]
+        + ["--depth", "1", "--seeds", "3", "--no-tree-token", "--no-tree-sequence", "--no-plateau-control"]
+        + ["--out", str(out)]
     )
     assert status == 0
     data = json.loads((out / "saturation.json").read_text())
     (base,) = data["bases"]
     assert base["plateau_reached"] and base["steps"] == 2 and "plateau criterion met at step 2" == base["stop_reason"]
     assert [a["key"] for a in data["arms"]] == ["full", "lora1", "lora2", "tree"]
-    assert data["roles"]["compute_matched"] == data["roles"]["lora_all_leaves"] == "lora2"  # 407 > 272 per token
+    assert data["roles"]["compute_matched"] == data["roles"]["lora_all_leaves"] == "lora2"  # 289 > 272 per token
     assert "undecided (one seed)" in data["verdict"]["text"]
     assert "The plateau was reached on every seed (1 of 1)" in (out / "RESULTS.md").read_text()
 
@@ -232,7 +237,7 @@ def test_facts_study_runs_end_to_end_and_keeps_hand_written_notes(tmp_path):
     assert status == 0
     data = json.loads((out / "facts.json").read_text())
     assert (out / "facts_capacity.png").exists()
-    assert [run["arm"] for run in data["runs"]] == ["lora1", "tree_token", "tree_sequence", "lora8"]
+    assert [run["arm"] for run in data["runs"]] == ["lora1", "tree", "tree_token", "tree_sequence", "lora8"]
     for run in data["runs"]:
         assert 0.0 <= run["recall"] <= 1.0
         assert run["facts_recalled"] == round(run["recall"] * run["people"] * len(ATTRIBUTES))

@@ -57,7 +57,9 @@ class TrainSettings:
     save_every: int | None = None
     show_progress: bool = True
     log_every: int = 10
-    router_lr_ratio: float = 1.0  # routers learn at learning_rate * this (AdamW, as the other parameters)
+    # routers learn at learning_rate * this (AdamW, as the other parameters); None: the ratio recommended for each
+    # adapter's routing and rank, as create_tree_lora_optimizer and `tree-lora train` give
+    router_lr_ratio: float | None = None
     router_learning_fraction: float = 1.0  # routers learn for this share of the steps, then freeze (< 1)
 
     def __post_init__(self) -> None:
@@ -155,7 +157,7 @@ def run_training(
         optimizer = None
         if settings.router_learning_fraction < 1 and tree is not None:
             all_callbacks.append(RouterFreezeCallback(int(settings.steps * settings.router_learning_fraction)))
-        if settings.router_lr_ratio != 1.0 or settings.router_learning_fraction < 1:
+        if tree is not None and (settings.router_lr_ratio != 1.0 or settings.router_learning_fraction < 1):
             groups = tree_lora_param_groups(
                 model, settings.learning_rate, settings.router_lr_ratio, settings.weight_decay
             )

@@ -27,7 +27,6 @@ import torch
 from peft import PeftConfig, get_peft_model
 
 from ..app.runner import run_training
-from ..integrations.optim import router_lr_ratio_for
 from ..tuner.errors import TreeLoraUsageError
 from .capacity_scoring import (  # noqa: F401  (compute_matched_rank and lora_params_per_rank are used by others)
     FrozenRouterFactory,
@@ -175,10 +174,8 @@ def train_arm(
     arm = study_arm.arm
     config = checked_config(arm)
     frozen = FrozenRouterFactory(data.base_factory, config, data.seed) if study_arm.freeze_router else None
-    asked = dict(study_arm.training)
-    if arm.kind == "tree" and "router_lr_ratio" not in asked:  # what create_tree_lora_optimizer gives by default
-        asked["router_lr_ratio"] = router_lr_ratio_for(config.routing, config.r)
-    training = replace(train_settings(settings, data.steps, lr, data.seed, show_progress), **asked)
+    # without a ratio of its own, a tree's routers get the one recommended for its routing and rank (the runner's)
+    training = replace(train_settings(settings, data.steps, lr, data.seed, show_progress), **dict(study_arm.training))
     if study_arm.grown:
         result = train_grown(arm.key, config, data, training)
     else:

@@ -56,11 +56,13 @@ class FactsSettings:
 
     The model is a word-level Llama (hidden 64, 4 layers, 4 heads, SwiGLU 176, tied embeddings, about 0.23 M
     parameters), first trained in full on the biographies of `background` other people with all four paraphrases,
-    so it knows the templates and how to look a name up; the adapters then learn `people` new ones."""
+    so it knows the templates and how to look a name up; the adapters then learn `people` new ones. 80 background
+    epochs take the base past memorising its own facts (40 left it at 29-48 %, a different point of that transition
+    on every seed; see the capacity study's settings)."""
 
     people: list[int] = field(default_factory=lambda: [8, 32, 128])
     background: int = 200
-    background_epochs: int = 40
+    background_epochs: int = 80
     epochs: int = 60
     hidden: int = 64
     layers: int = 4

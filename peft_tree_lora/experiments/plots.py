@@ -11,7 +11,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLOURS = {"full": "tab:gray", "lora": "tab:blue", "tree_token": "tab:red", "tree_sequence": "tab:orange"}
+COLOURS = {
+    "full": "tab:gray",
+    "lora": "tab:blue",
+    "tree": "tab:red",
+    "tree_token": "tab:purple",
+    "tree_sequence": "tab:orange",
+}
 
 
 def _colour(key: str, kind: str, index: int) -> str:

@@ -59,6 +59,7 @@ SATURATION_ROLES = {
     "compute_matched": "compute-matched to the tree",
     "lora_all_leaves": "as many params as all leaves",
     "tree": "tree (defaults)",
+    "tree_token": "tree, token routing",
     "tree_sequence": "tree, sequence routing",
 }
 

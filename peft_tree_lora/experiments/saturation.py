@@ -4,10 +4,11 @@ does a tree keep lowering held-out loss at the same per-token compute?
 
 The arms: full training, LoRA r, the **compute-matched LoRA** (the smallest rank whose parameters per token reach the
 tree's active parameters per token, routers included; computed from the tree model with
-`capacity.compute_matched_rank`, not written down), TreeLoRA d x r with today's defaults (token routing, hard
-training), optionally the sequence-routed tree, and LoRA r * 2**d (as many parameters as all the leaves). Every arm
-of a seed starts from that seed's saturated base and trains with the same optimiser (AdamW), steps, warm-up, linear
-decay and data; every adapter is scored as served (evaluation mode, one leaf).
+`capacity.compute_matched_rank`, not written down), TreeLoRA d x r with today's defaults (block routing, hard
+training), optionally the token- and sequence-routed trees, and LoRA r * 2**d (as many parameters as all the
+leaves). Every arm of a seed starts from that seed's saturated base and trains with the same optimiser (AdamW),
+steps, warm-up, linear decay and data (a tree's routers at the ratio recommended for its routing and rank); every
+adapter is scored as served (evaluation mode, one leaf).
 
 Two disjoint sets of held-out blocks: the **validation** blocks drive the plateau criterion and the curves, the
 **test** blocks give the reported losses. Every run goes through `runner.run_training` (the HF Trainer), like
@@ -25,6 +26,7 @@ import torch
 from peft import get_peft_model
 
 from ..app.runner import RunResult, TrainSettings, run_training
+from ..tuner.config import TreeLoraConfig
 from .common import DOCS_DIR, Arm, ByteTokenizer, command_line, tiny_llama, versions, write_json
 from .saturation_data import (  # noqa: F401  (plateau_reached is read by the tests)
     HELD_OUT_SHUFFLE_SEED,
@@ -77,15 +79,16 @@ def model_factory(settings: SaturationSettings, seed: int, state: dict[str, torc
     return build
 
 
-def tree_arm(settings: SaturationSettings, routing: str = "token") -> Arm:
-    """The tree of today's defaults (hard training) at the study's depth and rank, with `routing`."""
-    key = "tree" if routing == "token" else f"tree_{routing}"
-    label = f"TreeLoRA d={settings.depth} r={settings.rank}, {routing} routing"
+def tree_arm(settings: SaturationSettings, routing: str | None = None) -> Arm:
+    """The tree of today's defaults (hard training) at the study's depth and rank, with `routing` (None: the
+    config's default, block routing)."""
+    key = "tree" if routing is None else f"tree_{routing}"
+    label = f"TreeLoRA d={settings.depth} r={settings.rank}, {routing or TreeLoraConfig.routing} routing"
     return Arm(key, label, "tree", settings.rank, settings.depth, routing)
 
 
 def compute_matched(settings: SaturationSettings) -> dict[str, int]:
-    """The token-routed tree's active parameters per token and its compute-matched LoRA rank (see
+    """The default tree's active parameters per token and its compute-matched LoRA rank (see
     `capacity.compute_matched_rank`), computed on the study's model."""
     from .capacity import compute_matched_rank
 
@@ -97,7 +100,8 @@ def study_arms(settings: SaturationSettings, matched_rank: int) -> list[StudyArm
     """Full training, with `plateau_control` the control (pretraining simply goes on: full training at the constant
     pretraining rate, which shows how much the base itself still gains over the continuation's tokens), the LoRA
     ranks (r, compute-matched, r * 2**d; one arm per distinct rank, holding every role that rank plays), the
-    token-routed tree and, with `tree_sequence`, the sequence-routed tree."""
+    tree of the defaults (block routing) and, with `tree_token` and `tree_sequence`, the token- and sequence-routed
+    trees."""
     lora_roles: dict[int, list[str]] = {}
     for role, rank in (
         ("lora_r", settings.rank),
@@ -114,6 +118,8 @@ def study_arms(settings: SaturationSettings, matched_rank: int) -> list[StudyArm
         for rank, roles in sorted(lora_roles.items())
     ]
     arms.append(StudyArm(tree_arm(settings), ("tree",)))
+    if settings.tree_token:
+        arms.append(StudyArm(tree_arm(settings, "token"), ("tree_token",)))
     if settings.tree_sequence:
         arms.append(StudyArm(tree_arm(settings, "sequence"), ("tree_sequence",)))
     return arms

@@ -61,6 +61,7 @@ class SaturationSettings:
     adapter_lr: float = 3e-3
     rank: int = 2
     depth: int = 3
+    tree_token: bool = True
     tree_sequence: bool = True
     plateau_control: bool = True
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
