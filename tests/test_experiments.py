@@ -505,3 +505,13 @@ def test_router_sweep_trains_one_tree_per_hardening_weight_and_keeps_each_trees_
     }
     assert runs["ratio8-hardening0"]["held_out_loss"] != runs["ratio8-hardening0.1"]["held_out_loss"]
     assert all(isinstance(runs[key]["soft_minus_hard_loss"], float) for key in runs if key.startswith("ratio"))
+
+
+def test_router_sweep_runs_no_lora_arm_when_asked_for_rank_zero(tmp_path):
+    from peft_tree_lora.experiments import router_sweep
+
+    out = tmp_path / "sweep.json"
+    arguments = [*TINY_MODEL, "--people", "4", "--background", "8", "--background-epochs", "2", "--epochs", "2"]
+    arguments += ["--seeds", "0", "--ratios", "1", "--lora-rank", "0", "--router-learning-fraction", "0.5"]
+    assert router_sweep.main([*arguments, "--rank", "1", "--out", str(out)]) == 0
+    assert [run["arm"] for run in json.loads(out.read_text())["runs"]] == ["ratio1"]

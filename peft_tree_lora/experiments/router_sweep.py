@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0, 0.25, 1, 2, 8, 16, 32])
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--lora-lr", type=float, default=0.02, help="the LoRA arm's rate (the study's choice)")
-    parser.add_argument("--lora-rank", type=int, default=None, help="default: the tree's compute-matched rank")
+    parser.add_argument(
+        "--lora-rank", type=int, default=None, help="default: the tree's compute-matched rank; 0: no LoRA arm"
+    )
     parser.add_argument("--option", action="append", default=[], help="TreeLoraConfig key=value for every tree")
     parser.add_argument(
         "--hardening", type=float, nargs="+", default=None, help="one tree per hardening-loss weight (and ratio)"
@@ -93,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     settings.validate()
     tokenizer = WordTokenizer()
     trees = tree_arms(settings, args.routing, args.ratios, options, args.router_learning_fraction, args.hardening)
-    lora_rank = args.lora_rank or matched_lora(settings, tokenizer, trees[0].arm)["rank"]
-    arms = [lora_arm(lora_rank), *trees]
+    lora_rank = matched_lora(settings, tokenizer, trees[0].arm)["rank"] if args.lora_rank is None else args.lora_rank
+    arms = [lora_arm(lora_rank), *trees] if lora_rank else trees
     runs = []
     for seed in args.seeds:
         data = seed_data(settings, tokenizer, seed, False)
