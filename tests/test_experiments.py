@@ -504,7 +504,8 @@ def test_router_sweep_trains_one_tree_per_hardening_weight_and_keeps_each_trees_
         "ratio8-hardening0.1",
     }
     assert runs["ratio8-hardening0"]["held_out_loss"] != runs["ratio8-hardening0.1"]["held_out_loss"]
-    assert all(isinstance(runs[key]["soft_minus_hard_loss"], float) for key in runs if key.startswith("ratio"))
+    trees = [run for key, run in runs.items() if key.startswith("ratio")]
+    assert all(isinstance(run["soft_minus_hard_loss"], float) and 0 <= run["leaf_usage_entropy"] <= 1 for run in trees)
 
 
 def test_router_sweep_runs_no_lora_arm_when_asked_for_rank_zero(tmp_path):

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             lr = args.lora_lr if arm.arm.kind == "lora" else args.lr
             run = train_arm(arm, data, lr, settings, tokenizer, False)
             seconds = time.perf_counter() - started
-            kept = ("recall", "held_out_loss", "soft_minus_hard_recall", "soft_minus_hard_loss")
+            kept = ("recall", "held_out_loss", "soft_minus_hard_recall", "soft_minus_hard_loss", "leaf_usage_entropy")
             keep = {**{name: run[name] for name in kept}, "seconds": seconds}
             runs.append({"seed": seed, "arm": arm.key, "label": arm.arm.label, **keep})
             gap = "" if run["soft_minus_hard_loss"] is None else f", mixed - served {run['soft_minus_hard_loss']:+.4f}"
