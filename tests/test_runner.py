@@ -56,6 +56,25 @@ def test_tree_result_counts_parameters_curve_and_leaf_usage(blocks):
     assert all(sum(counts) == held_out.numel() for counts in result.leaf_usage.values())
 
 
+class RouterRates(TrainerCallback):
+    """Records the learning rate of each router group the Trainer's optimiser starts with."""
+
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.rates = [group["lr"] for group in optimizer.param_groups if group.get("treelora_routers")]
+
+
+@pytest.mark.parametrize("routing, asked, expected", [("block", None, 8.0), ("token", None, 2.0), ("block", 0.5, 0.5)])
+def test_the_runner_trains_tree_routers_at_the_recommended_ratio_unless_one_is_asked(blocks, routing, asked, expected):
+    train, held_out = blocks
+    config = TreeLoraConfig(depth=2, r=1, routing=routing, target_modules=TARGETS)
+    spy = RouterRates()
+    run_training("tree", make_tiny_llama, train, held_out, settings(router_lr_ratio=asked), config, callbacks=[spy])
+    assert spy.rates == [pytest.approx(1e-2 * expected)]
+
+
 def test_lora_counts_every_adapter_parameter_as_active(blocks):
     train, held_out = blocks
     config = LoraConfig(r=4, target_modules=TARGETS)
