@@ -124,11 +124,12 @@ def _saturation_section(data: dict[str, Any]) -> list[str]:
             f"{s['adapter_lr']} (not tuned per arm)."
         )
         + " **Compute-matched LoRA:** the smallest rank whose parameters per token reach the "
-        f"tree's active parameters per token (one leaf per layer plus the {s['depth']} routers on a token's path, "
-        f"depth x (in + 1) per module): {matched['tree_active_per_token']:,} -> LoRA r={matched['rank']} "
-        f"({matched['rank'] * matched['per_rank']:,}); a sequence router runs once per sequence, so a token of the "
-        "sequence-routed tree costs what LoRA r costs. Every model is evaluated as served (evaluation mode; a tree "
-        "applies one leaf per token or sequence). **Improvement** is the base's test loss minus the arm's, per seed.",
+        f"default tree's active parameters per token (one leaf per layer plus the {s['depth']} routers on a token's "
+        f"path, depth x (in + 1) per block, or per module for token routing): {matched['tree_active_per_token']:,} "
+        f"-> LoRA r={matched['rank']} ({matched['rank'] * matched['per_rank']:,}); a sequence router runs once per "
+        "sequence, so a token of the sequence-routed tree costs what LoRA r costs. Every model is evaluated as "
+        "served (evaluation mode; a tree applies one leaf per token or sequence). **Improvement** is the base's test "
+        "loss minus the arm's, per seed.",
         "",
         *_reproduce(data),
         f"![pretraining, continuation and test-loss improvement]({data.get('plot', 'saturation_loss.png')})",
