@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--routing", choices=("token", "block", "sequence"), default="block")
     parser.add_argument("--rank", type=int, default=2)
+    parser.add_argument("--depth", type=int, default=CapacitySettings().depth)
     parser.add_argument("--people", type=int, default=32)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 100])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0, 0.25, 1, 2, 8, 16, 32])
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             options[key] = value  # a bare word: a string option such as load_balance=switch
     model = {name: getattr(args, name) for name in ("epochs", "background", "background_epochs", "hidden", "layers")}
     model.update(heads=args.heads, intermediate=args.intermediate)
-    settings = CapacitySettings(people=args.people, rank=args.rank, seeds=args.seeds, lr_grid=[args.lr], **model)
+    model.update(people=args.people, rank=args.rank, depth=args.depth, seeds=args.seeds)
+    settings = CapacitySettings(lr_grid=[args.lr], **model)
     settings.validate()
     tokenizer = WordTokenizer()
     trees = tree_arms(settings, args.routing, args.ratios, options, args.router_learning_fraction, args.hardening)
