@@ -97,11 +97,11 @@ class Arm:
 def adapter_arms(rank: int, depth: int, include_full: bool) -> list[Arm]:
     """The arms of the issue: (a) full training, (b) LoRA r, (c) tree d x r with the config's routing (block), and
     the same with token and with sequence routing, (d) LoRA r * 2**d (as many adapter parameters as the leaves)."""
-    wide = rank * 2**depth
+    wide, default_routing = rank * 2**depth, TreeLoraConfig.routing
     arms = [Arm("full", "full training (base alone)", "full")] if include_full else []
     arms += [
         Arm(f"lora{rank}", f"LoRA r={rank}", "lora", rank=rank),
-        Arm("tree", f"TreeLoRA d={depth} r={rank}, block routing (the default)", "tree", rank, depth),
+        Arm("tree", f"TreeLoRA d={depth} r={rank}, {default_routing} routing (the default)", "tree", rank, depth),
         Arm("tree_token", f"TreeLoRA d={depth} r={rank}, token routing", "tree", rank, depth, "token"),
         Arm("tree_sequence", f"TreeLoRA d={depth} r={rank}, sequence routing", "tree", rank, depth, "sequence"),
         Arm(f"lora{wide}", f"LoRA r={wide}", "lora", rank=wide),
